@@ -1,0 +1,136 @@
+"""`eftnas`: a thin command line over the Python API (`eftnas_cli.stages`).
+
+Each command parses its arguments, loads the recipe and calls one stage function. Heavy libraries
+are imported inside the commands so that `eftnas --help` answers at once. Mistakes the user can fix
+(a recipe key, a missing file, a run directory made by another recipe) print one line and exit 2;
+set EFTNAS_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+
+app = typer.Typer(
+    help="Compress BERT-family encoders for a compute budget (EFTNAS): "
+    "finetune → importance → gen-space → train-supernet → search → export.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+RECIPE = typer.Argument(..., help="recipe YAML file, e.g. configs/quickstart.yaml", show_default=False)
+OVERRIDES = typer.Argument(None, help="dotted overrides such as finetune.epochs=1 seed=3", show_default=False)
+
+
+@contextlib.contextmanager
+def _user_errors_reported():
+    """Turn mistakes the user can fix into one red line and exit code 2."""
+    from eftnas_cli.errors import USER_ERRORS
+    from eftnas_cli.ui import console
+
+    try:
+        yield
+    except USER_ERRORS as error:
+        if os.environ.get("EFTNAS_DEBUG"):
+            raise
+        console.print(f"[red]error:[/red] {error}", soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _run(stage: Callable[..., object], recipe_path: Path, overrides: Optional[List[str]], **options) -> object:
+    with _user_errors_reported():
+        from eftnas_cli.recipe import load_recipe
+
+        recipe = load_recipe(recipe_path, overrides or [])
+        return stage(recipe, **options)
+
+
+@app.command()
+def finetune(recipe: Path = RECIPE, overrides: Optional[List[str]] = OVERRIDES) -> None:
+    """Fine-tune the dense model on the task: the distillation teacher of the later stages."""
+    from eftnas_cli.stages.finetune import finetune as stage
+
+    _run(stage, recipe, overrides)
+
+
+@app.command()
+def importance(recipe: Path = RECIPE, overrides: Optional[List[str]] = OVERRIDES) -> None:
+    """Movement-pruning importance of every attention head and FFN neuron."""
+    from eftnas_cli.stages.importance import compute_importance as stage
+
+    _run(stage, recipe, overrides)
+
+
+@app.command("gen-space")
+def gen_space(recipe: Path = RECIPE, overrides: Optional[List[str]] = OVERRIDES) -> None:
+    """Search space from importance: per-layer width choices for N MACs targets."""
+    from eftnas_cli.stages.gen_space import generate_space as stage
+
+    _run(stage, recipe, overrides)
+
+
+@app.command("train-supernet")
+def train_supernet(
+    recipe: Path = RECIPE,
+    overrides: Optional[List[str]] = OVERRIDES,
+    resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint"),
+) -> None:
+    """Reorder weights by importance and train the elastic super-network (sandwich rule + KD)."""
+    from eftnas_cli.stages.train_supernet import train_supernet as stage
+
+    _run(stage, recipe, overrides, resume=resume)
+
+
+@app.command()
+def search(
+    recipe: Path = RECIPE,
+    overrides: Optional[List[str]] = OVERRIDES,
+    storage: Optional[str] = typer.Option(None, help="Optuna storage URL shared by several workers"),
+) -> None:
+    """NSGA-II search of subnets: task metric vs MACs (and latency); writes the Pareto front."""
+    from eftnas_cli.stages.search import search as stage
+
+    _run(stage, recipe, overrides, storage=storage)
+
+
+@app.command()
+def export(
+    recipe: Path = RECIPE,
+    overrides: Optional[List[str]] = OVERRIDES,
+    budget: Optional[List[float]] = typer.Option(None, help="MACs fraction(s) of the full model; repeatable"),
+    trial: Optional[int] = typer.Option(None, help="export this search trial number instead"),
+    subnet: Optional[Path] = typer.Option(None, help="export the subnet in this JSON file instead"),
+) -> None:
+    """Cut subnets into smaller dense models: safetensors, ONNX, OpenVINO IR (+ INT8), metrics."""
+    from eftnas_cli.stages.export import export as stage
+
+    _run(stage, recipe, overrides, budgets=budget or None, trial=trial, subnet_file=subnet)
+
+
+@app.command("run")
+def run_all(recipe: Path = RECIPE, overrides: Optional[List[str]] = OVERRIDES) -> None:
+    """Every stage in order; stages already complete with the same inputs are skipped."""
+    from eftnas_cli.stages.pipeline import run_pipeline as stage
+
+    _run(stage, recipe, overrides)
+
+
+@app.command()
+def profile(
+    model: str = typer.Argument(..., help="hub id, model folder, alias (minilm-l6) or bert-base"),
+    seq_len: int = typer.Option(128, "--seq-len", help="sequence length of the count"),
+    subnet: Optional[Path] = typer.Option(None, help="count this subnet JSON instead of the full model"),
+) -> None:
+    """Parameters and MACs of a model (or a subnet of it) per sequence."""
+    from eftnas_cli.profile import profile as profile_model
+
+    with _user_errors_reported():
+        profile_model(model, seq_len=seq_len, subnet_file=subnet)
+
+if __name__ == "__main__":
+    app()

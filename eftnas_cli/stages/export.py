@@ -1,0 +1,188 @@
+"""Stage `export`: cut chosen subnets out of the super-network into smaller dense models.
+
+Each subnet becomes a folder with sliced safetensors weights, a config holding the per-layer widths
+and the tokenizer (loadable in one call: `eftnas_cli.load_model(folder)`), plus `model.onnx`,
+OpenVINO IR and optionally INT8 IR (NNCF post-training quantization calibrated on train rows). The
+exported model is evaluated again; a metric further than `max_metric_drop` from the search's
+record is an error, since it would mean extraction changed the function.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eftnas_cli import elastic
+from eftnas_cli.errors import UserError
+from eftnas_cli.models import load_model, load_tokenizer, save_model
+from eftnas_cli.recipe import ExportSection, Recipe
+from eftnas_cli.rundir import RunDir, write_json
+from eftnas_cli.stages.common import first_eval_split, model_files, task_data, teacher_folder
+from eftnas_cli.stages.search import PARETO_FILE, TRIALS_FILE, describe, percent_of
+from eftnas_cli.stages.train_supernet import supernet_folder
+from eftnas_cli.training import evaluate
+from eftnas_cli.ui import console
+
+
+def choose_subnets(run: RunDir, budgets, trial, subnet_file) -> list[tuple[str, elastic.Subnet, dict | None]]:
+    """(label, subnet, the search's record of it or None) for each requested export."""
+    if subnet_file is not None:
+        try:
+            subnet = elastic.Subnet.from_dict(json.loads(Path(subnet_file).read_text()))
+        except json.JSONDecodeError as error:
+            raise UserError(f"{subnet_file}: not valid JSON ({error.msg})") from None
+        return [(Path(subnet_file).stem, subnet, None)]
+    pareto = json.loads((run.require("search", by="export") / PARETO_FILE).read_text())
+    if trial is not None:
+        trials = json.loads((run.stage_dir("search") / TRIALS_FILE).read_text())
+        record = next((t for t in trials if t["trial"] == trial), None)
+        if record is None:
+            raise UserError(f"--trial {trial}: no completed search trial with that number")
+        return [(f"trial-{trial}", elastic.Subnet.from_dict(record["subnet"]), record)]
+    chosen = []
+    for budget in budgets:
+        candidates = [t for t in pareto["front"] if t["macs"] <= budget * pareto["full_macs"]]
+        if not candidates:
+            raise UserError(f"no searched subnet within {budget:g} of the full MACs; search with that budget first")
+        best = max(candidates, key=lambda t: (t["score"], -t["macs"]))
+        chosen.append((f"budget-{budget:g}", elastic.Subnet.from_dict(best["subnet"]), best))
+    return chosen
+
+
+def _calibration_batches(data, input_names: list[str], samples: int, batch_size: int = 8) -> list[dict[str, np.ndarray]]:
+    rows = data.train.select(range(min(samples, len(data.train))))
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        features = data.collator([{k: chunk[k][i] for k in input_names} for i in range(len(chunk[input_names[0]]))])
+        batches.append({k: features[k].numpy().astype(np.int64) for k in input_names})
+    return batches
+
+
+def _latencies(model, folder: Path | None, section: ExportSection, vocab_size: int) -> dict:
+    """Latency (median ms) per backend and batch size at the recipe's sequence length."""
+    from eftnas_cli.deploy import model_input_names
+    from eftnas_cli.latency import dummy_features, onnx_latency, openvino_latency, torch_latency
+
+    names = model_input_names(model)
+    results = {}
+    for batch in section.latency_batch_sizes:
+        features = dummy_features(names, batch, section.latency_seq_len, vocab_size)
+        key = f"batch{batch}"
+        results[f"torch_{key}"] = torch_latency(model, {k: torch.from_numpy(v) for k, v in features.items()},
+                                                runs=section.latency_runs).median_ms
+        if folder is not None and (folder / "model.onnx").exists():
+            results[f"onnxruntime_{key}"] = onnx_latency(folder / "model.onnx", features, runs=section.latency_runs).median_ms
+        if folder is not None and (folder / "openvino" / "model.xml").exists():
+            results[f"openvino_{key}"] = openvino_latency(folder / "openvino" / "model.xml", features,
+                                                          runs=section.latency_runs).median_ms
+        if folder is not None and (folder / "openvino" / "model_int8.xml").exists():
+            results[f"openvino_int8_{key}"] = openvino_latency(folder / "openvino" / "model_int8.xml", features,
+                                                               precision="default", runs=section.latency_runs).median_ms
+    return results
+
+
+def _deploy_formats(model, folder: Path, section: ExportSection, data) -> None:
+    from eftnas_cli.deploy import export_onnx, model_input_names, quantize_int8, to_openvino
+
+    if not (section.onnx or section.openvino):
+        return
+    onnx_path = export_onnx(model, folder / "model.onnx")
+    if section.openvino:
+        xml = to_openvino(onnx_path, folder / "openvino" / "model.xml")
+        if section.int8:
+            calibration = _calibration_batches(data, model_input_names(model), section.calibration_samples)
+            quantize_int8(xml, calibration, folder / "openvino" / "model_int8.xml")
+    if not section.onnx:
+        onnx_path.unlink()
+
+
+def export(recipe: Recipe, budgets=None, trial: int | None = None, subnet_file: Path | None = None) -> dict:
+    """Exports the chosen subnets under `export/<label>/`; prints the summary table."""
+    run = RunDir(recipe)
+    section = recipe.export
+    supernet_dir = supernet_folder(run, by="export")
+    teacher_dir = teacher_folder(recipe, run, by="export")
+    chosen = choose_subnets(run, budgets or section.budgets, trial, subnet_file)
+    tokenizer = load_tokenizer(recipe.model.name)
+    data = task_data(recipe, tokenizer)
+    supernet = elastic.make_elastic(load_model(str(supernet_dir), data.spec))
+    for _, subnet, _ in chosen:
+        elastic.validate_subnet(supernet.config, subnet)
+    split = data.eval[first_eval_split(data)]
+    pareto_file = run.stage_dir("search") / PARETO_FILE
+    search_rows = json.loads(pareto_file.read_text())["eval_rows"] if pareto_file.exists() else len(split)
+    seq_len = section.latency_seq_len
+    full_macs = elastic.macs(supernet.config, None, seq_len).encoder
+
+    teacher = load_model(teacher_dir, data.spec).eval()
+    summary = {"teacher": {
+        "metrics": evaluate(teacher, split, data.collator, data.spec),
+        "gmacs": full_macs / 1e9,
+        "params": elastic.count_params(teacher.config).encoder,
+        "latency_ms": _latencies(teacher, None, section, teacher.config.vocab_size),
+    }, "exports": {}}
+
+    with run.stage("export") as out:
+        for path in [*model_files(supernet_dir), *model_files(teacher_dir)]:
+            out.add_input(path)
+        for label, subnet, record in chosen:
+            console.print(f"export {label}: {describe(subnet)}")
+            folder = out.dir / label
+            elastic.activate(supernet, subnet)
+            save_model(elastic.extract(supernet, subnet), tokenizer, folder)
+            exported = load_model(str(folder), data.spec).eval()
+            if record is not None:
+                rows = split.select(range(min(search_rows, len(split))))
+                rechecked = evaluate(exported, rows, data.collator, data.spec)["score"]
+                if abs(rechecked - record["score"]) > section.max_metric_drop:
+                    raise RuntimeError(
+                        f"{label}: exported model scores {rechecked:.4f}, the search recorded {record['score']:.4f}"
+                    )
+            _deploy_formats(exported, folder, section, data)
+            macs = elastic.macs(supernet.config, subnet, seq_len).encoder
+            metrics = {
+                "subnet": subnet.to_dict(),
+                "metrics": evaluate(exported, split, data.collator, data.spec),
+                "gmacs": macs / 1e9,
+                "macs_ratio": macs / full_macs,
+                "params": elastic.count_params(supernet.config, subnet).encoder,
+                "latency_ms": _latencies(exported, folder, section, exported.config.vocab_size),
+            }
+            write_json(folder / "metrics.json", metrics)
+            summary["exports"][label] = metrics
+        write_json(out.dir / "summary.json", summary)
+        out.metrics = summary
+    print_summary(summary, data.spec.main_metric)
+    return summary
+
+
+def print_summary(summary: dict, metric: str) -> None:
+    """The closing table: teacher vs each export — metric, % of teacher, MACs ratio, speed-up."""
+    from rich.table import Table
+
+    teacher = summary["teacher"]
+    base_score = teacher["metrics"]["score"]
+    base_latency = teacher["latency_ms"]
+    table = Table(title=f"eftnas result ({metric})")
+    for column in ("model", metric, "% of teacher", "GMACs", "MACs ratio", "speed-up torch b1", "speed-up torch b32",
+                   "speed-up OpenVINO b1", "speed-up OpenVINO INT8 b1"):
+        table.add_column(column, justify="right")
+    table.add_row("teacher (dense)", f"{base_score:.4f}", "100.0%", f"{teacher['gmacs']:.3f}", "1.000", "1.00×", "1.00×", "", "")
+
+    def speedup(latency: dict, key: str, reference: str) -> str:
+        return f"{base_latency[reference] / latency[key]:.2f}×" if key in latency and reference in base_latency else "-"
+
+    for label, export in summary["exports"].items():
+        score = export["metrics"]["score"]
+        latency = export["latency_ms"]
+        table.add_row(
+            label, f"{score:.4f}", percent_of(score, base_score),
+            f"{export['gmacs']:.3f}", f"{export['macs_ratio']:.3f}",
+            speedup(latency, "torch_batch1", "torch_batch1"), speedup(latency, "torch_batch32", "torch_batch32"),
+            speedup(latency, "openvino_batch1", "torch_batch1"), speedup(latency, "openvino_int8_batch1", "torch_batch1"),
+        )
+    console.print(table)

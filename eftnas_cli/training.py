@@ -1,0 +1,157 @@
+"""What the training stages share: Trainer arguments from a recipe section, a rich progress
+callback, GLUE metrics for the Trainer, a plain evaluation loop and the distillation loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+from eftnas_cli.data import TaskSpec, compute_metrics, main_metric_value
+from eftnas_cli.recipe import TrainingSection
+from eftnas_cli.ui import console, progress
+
+
+def _precision(section: TrainingSection) -> dict[str, bool]:
+    choice = section.mixed_precision
+    if choice == "auto":
+        if not torch.cuda.is_available():
+            return {}
+        choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return {} if choice == "no" else {choice: True}
+
+
+def training_arguments(
+    section: TrainingSection,
+    output_dir: Path,
+    seed: int,
+    *,
+    main_metric: str | None = None,
+    save_steps: int | None = None,
+) -> TrainingArguments:
+    """Trainer settings from a recipe section.
+
+    With `main_metric`, evaluate and checkpoint each epoch and keep the best model; with
+    `save_steps`, checkpoint every N steps (resumable) and evaluate through callbacks instead.
+    """
+    keep_best = main_metric is not None
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=section.epochs,
+        max_steps=section.max_steps or -1,
+        learning_rate=section.learning_rate,
+        per_device_train_batch_size=section.batch_size,
+        per_device_eval_batch_size=section.eval_batch_size,
+        gradient_accumulation_steps=section.gradient_accumulation_steps,
+        weight_decay=section.weight_decay,
+        warmup_steps=section.warmup,  # a float below 1 is a fraction of all steps in transformers 5
+        eval_strategy="epoch" if keep_best else "no",
+        save_strategy="epoch" if keep_best else "steps",
+        save_steps=save_steps or 500,
+        save_total_limit=1 if keep_best else 2,
+        load_best_model_at_end=keep_best,
+        metric_for_best_model=main_metric,
+        greater_is_better=True if keep_best else None,
+        logging_strategy="steps",
+        logging_steps=10,
+        seed=seed,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False,
+        **_precision(section),
+    )
+
+
+class QuietTrainer(Trainer):
+    """A Trainer that reports through `RichProgress` only (no raw log dicts on the terminal)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.remove_callback(PrinterCallback)
+
+
+class RichProgress(TrainerCallback):
+    """Training progress as one rich bar with the latest loss; evaluation results as lines."""
+
+    def __init__(self, description: str):
+        self.description = description
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = progress()
+        self.bar.start()
+        self.task = self.bar.add_task(self.description, total=state.max_steps, status="", completed=state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.bar.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.update(self.task, status=f"loss {logs['loss']:.4f}")
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        shown = ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in (metrics or {}).items()
+                          if isinstance(v, float) and not k.endswith(("runtime", "per_second")))
+        console.print(f"  epoch {state.epoch:.2f}: {shown}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def trainer_metrics(spec: TaskSpec) -> Callable:
+    """`compute_metrics` for the Trainer: GLUE metrics plus the task's main metric as `score`."""
+
+    def compute(prediction) -> dict[str, float]:
+        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        metrics = compute_metrics(spec.name, logits, prediction.label_ids)
+        metrics["score"] = main_metric_value(spec.name, metrics)
+        return metrics
+
+    return compute
+
+
+@torch.no_grad()
+def predict_logits(model, dataset, collator, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels of `dataset` in order (plain loop: cheap enough for search trials)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    for start in range(0, len(dataset), batch_size):
+        rows = dataset[start : start + batch_size]
+        features = [{k: rows[k][i] for k in rows} for i in range(len(rows["labels"]))]
+        batch = {k: v.to(device) for k, v in collator(features).items()}
+        labels.append(batch.pop("labels").cpu().numpy())
+        logits.append(model(**batch).logits.float().cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+def evaluate(model, dataset, collator, spec: TaskSpec, batch_size: int = 64) -> dict[str, float]:
+    """GLUE metrics of `model` on `dataset`, with the main metric also as `score`."""
+    logits, labels = predict_logits(model, dataset, collator, batch_size)
+    metrics = compute_metrics(spec.name, logits, labels)
+    metrics["score"] = main_metric_value(spec.name, metrics)
+    return metrics
+
+
+def distillation_loss(student_logits, teacher_logits, labels, spec: TaskSpec, weight: float, temperature: float):
+    """KD (KL on temperature-scaled logits, or MSE for regression) mixed with the hard-label loss."""
+    if spec.is_regression:
+        soft = F.mse_loss(student_logits.squeeze(-1), teacher_logits.squeeze(-1))
+        hard = F.mse_loss(student_logits.squeeze(-1), labels.float())
+    else:
+        soft = F.kl_div(
+            F.log_softmax(student_logits / temperature, dim=-1),
+            F.softmax(teacher_logits / temperature, dim=-1),
+            reduction="batchmean",
+        ) * temperature**2
+        hard = F.cross_entropy(student_logits, labels)
+    return weight * soft + (1 - weight) * hard
