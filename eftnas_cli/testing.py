@@ -92,3 +92,58 @@ def make_tiny_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     tokenizer = BertTokenizer(vocab=vocab)
     tokenizer.save_pretrained(str(path))
     return tokenizer
+
+
+TINY_ARCHITECTURES = {
+    "bert": ("BertConfig", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}),
+    "roberta": ("RobertaConfig", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                  "intermediate_size": 64, "type_vocab_size": 1}),
+    "distilbert": ("DistilBertConfig", {"dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 64}),
+}
+
+
+def make_tiny_model(path: Path, family: str = "bert", seed: int = 0) -> Path:
+    """A randomly initialised tiny encoder with the tiny tokenizer, saved as a Hugging Face folder."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    tokenizer = make_tiny_tokenizer(path)
+    config_class, sizes = TINY_ARCHITECTURES[family]
+    config = getattr(transformers, config_class)(vocab_size=len(tokenizer), max_position_embeddings=64, **sizes)
+    transformers.AutoModel.from_config(config).save_pretrained(path)
+    return path
+
+
+# Small enough that every stage runs in seconds on 2 CPU cores.
+TINY_RECIPE = {
+    "name": "tiny",
+    "seed": 0,
+    "task": {"name": "mrpc", "max_seq_length": 32},
+    "finetune": {"epochs": 2, "learning_rate": 1e-3, "batch_size": 16},
+    "importance": {"epochs": 2, "learning_rate": 1e-3, "batch_size": 16, "warmup_start_epoch": 0.2,
+                   "warmup_end_epoch": 1.0, "final_threshold": 0.3},
+    # The tiny model's heads are coarse MACs steps at long sequences: count at 16 tokens.
+    "space": {"num_targets": 3, "cmin": 0.4, "tolerance": 0.1, "seq_len": 16},
+    "supernet": {"epochs": 1, "learning_rate": 1e-3, "batch_size": 16, "save_steps": 2},
+    "search": {"population": 4, "trials": 8, "budgets": [0.6]},
+    "export": {"budgets": [0.6], "latency_runs": 2, "calibration_samples": 16, "latency_batch_sizes": [1],
+               "latency_seq_len": 16},
+}
+
+
+def write_tiny_recipe(path: Path, output_dir: Path, model_dir: Path, glue_dir: Path, changes: dict | None = None) -> Path:
+    """TINY_RECIPE for `model_dir` and `glue_dir`, with dotted `changes`, written to `path`."""
+    import copy
+
+    import yaml
+
+    recipe = copy.deepcopy(TINY_RECIPE)
+    recipe["output_dir"] = str(output_dir)
+    recipe["model"] = {"name": str(model_dir)}
+    recipe["task"]["data_dir"] = str(glue_dir)
+    for key, value in (changes or {}).items():
+        section, _, leaf = key.rpartition(".")
+        (recipe.setdefault(section, {}) if section else recipe)[leaf] = value
+    path.write_text(yaml.safe_dump(recipe))
+    return path

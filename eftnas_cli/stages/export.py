@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from eftnas_cli import elastic
 from eftnas_cli.errors import UserError
@@ -72,8 +71,7 @@ def _latencies(model, folder: Path | None, section: ExportSection, vocab_size: i
     for batch in section.latency_batch_sizes:
         features = dummy_features(names, batch, section.latency_seq_len, vocab_size)
         key = f"batch{batch}"
-        results[f"torch_{key}"] = torch_latency(model, {k: torch.from_numpy(v) for k, v in features.items()},
-                                                runs=section.latency_runs).median_ms
+        results[f"torch_{key}"] = torch_latency(model, features, runs=section.latency_runs).median_ms
         if folder is not None and (folder / "model.onnx").exists():
             results[f"onnxruntime_{key}"] = onnx_latency(folder / "model.onnx", features, runs=section.latency_runs).median_ms
         if folder is not None and (folder / "openvino" / "model.xml").exists():

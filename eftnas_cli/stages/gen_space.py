@@ -144,8 +144,8 @@ def build_space(config, heads: torch.Tensor, neurons: torch.Tensor, section: Spa
         error = (cost - target) / target
         if abs(error) > section.tolerance:
             raise UserError(
-                f"no importance threshold reaches {target / 1e9:.3f} GMACs within {section.tolerance:.0%} "
-                f"(closest: {cost / 1e9:.3f} GMACs); widen space.tolerance or lower space.neuron_multiple"
+                f"no importance threshold reaches {target / 1e9:.4g} GMACs within {section.tolerance:.0%} "
+                f"(closest: {cost / 1e9:.4g} GMACs); widen space.tolerance or lower space.neuron_multiple"
             )
         subnets.append(subnet)
         records.append({"target_macs": int(target), "macs": cost, "relative_error": error,

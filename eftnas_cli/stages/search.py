@@ -60,12 +60,14 @@ class SubnetObjective:
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
         params = {name: trial.suggest_categorical(name, choices) for name, _, choices in subnet_params(self.space)}
         subnet = subnet_from_params(self.space, params)
+        macs = elastic.macs(self.model.config, subnet, self.space.seq_len).encoder
+        # NSGA-II prefers feasible subnets: those within the largest MACs budget (value <= 0).
+        trial.set_constraint("macs_budget", macs / self.full_macs - max(self.section.budgets))
         key = tuple(sorted(params.items()))
         if key in self.seen:
             for name, value in self.seen[key].user_attrs.items():
                 trial.set_user_attr(name, value)
             return tuple(self.seen[key].values)
-        macs = elastic.macs(self.model.config, subnet, self.space.seq_len).encoder
         elastic.activate(self.model, subnet)
         metrics = evaluate(self.model, self.rows, self.data.collator, self.data.spec, self.section.eval_batch_size)
         attrs = {
@@ -95,15 +97,6 @@ class SubnetObjective:
     def remember(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.state == optuna.trial.TrialState.COMPLETE:
             self.seen[tuple(sorted(trial.params.items()))] = trial
-
-
-def macs_constraint(max_fraction: float, full_macs: int):
-    """NSGA-II constraint: a subnet is feasible when its MACs are within the largest budget."""
-
-    def constraint(trial: optuna.trial.FrozenTrial) -> tuple[float]:
-        return (trial.user_attrs["macs"] / full_macs - max_fraction,)
-
-    return constraint
 
 
 def best_per_budget(trials: list[dict], budgets: list[float], full_macs: int) -> dict[str, dict | None]:
@@ -180,10 +173,7 @@ def search(recipe: Recipe, storage: str | None = None) -> dict:
         study_name=f"{recipe.name}-{space_id}{'-latency' if section.latency else ''}",
         storage=storage,
         directions=directions,
-        sampler=optuna.samplers.NSGAIISampler(
-            population_size=section.population, seed=recipe.seed,
-            constraints_func=macs_constraint(max(section.budgets), full_macs),
-        ),
+        sampler=optuna.samplers.NSGAIISampler(population_size=section.population, seed=recipe.seed),
         load_if_exists=True,
     )
     for trial in study.get_trials(deepcopy=False):

@@ -1,0 +1,122 @@
+"""Every stage on a tiny model through the command line, then the export checked against the
+super-network it was cut from, in torch, ONNX Runtime and OpenVINO."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from eftnas_cli import elastic
+from eftnas_cli.cli import app
+from eftnas_cli.data import get_task
+from eftnas_cli.deploy import onnx_logits, openvino_logits
+from eftnas_cli.models import load_model
+from eftnas_cli.testing import make_tiny_model, write_tiny_recipe
+
+
+def invoke(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_dir, tiny_glue_dir):
+    """One full `eftnas run` shared by the tests of this module."""
+    root = tmp_path_factory.mktemp("e2e")
+    path = write_tiny_recipe(root / "recipe.yaml", root / "runs", tiny_model_dir, tiny_glue_dir)
+    result = invoke("run", path)
+    return path, root / "runs" / "tiny", result.output
+
+
+def test_run_writes_every_stage(finished_run):
+    _, run_dir, output = finished_run
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert list(manifest["stages"]) == ["finetune", "importance", "gen-space", "train-supernet", "search", "export"]
+    for stage, record in manifest["stages"].items():
+        assert record["outputs"], stage
+        assert record["wall_time_s"] >= 0 and "torch" in record["versions"]
+    for name in ("finetune/model/model.safetensors", "importance/importance.safetensors", "importance/heatmap.png",
+                 "space/search_space.json", "space/space.png", "supernet/model/model.safetensors",
+                 "search/trials.csv", "search/pareto.json", "search/pareto.png", "export/summary.json"):
+        assert (run_dir / name).is_file(), name
+    assert not list(run_dir.glob(".*tmp*")), "no temporary folders left"
+    assert "result" in output and "teacher" in output
+
+
+def test_second_run_skips_completed_stages(finished_run):
+    path, run_dir, _ = finished_run
+    before = (run_dir / "manifest.json").read_text()
+    output = " ".join(invoke("run", path).output.split())
+    for stage in ("finetune", "importance", "gen-space", "train-supernet", "search", "export"):
+        assert f"{stage}: up to date, skipped" in output
+    assert (run_dir / "manifest.json").read_text() == before
+
+
+def test_export_matches_supernet_subnet_in_torch_onnx_openvino(finished_run):
+    _, run_dir, _ = finished_run
+    spec = get_task("mrpc")
+    folder = run_dir / "export" / "budget-0.6"
+    exported = load_model(str(folder), spec)
+    subnet = elastic.Subnet.from_dict(exported.config.eftnas_subnet)
+    supernet = elastic.make_elastic(load_model(str(run_dir / "supernet" / "model"), spec)).eval()
+    elastic.activate(supernet, subnet)
+
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(5, exported.config.vocab_size, (3, 12), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 8:] = 0
+    features = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": torch.zeros_like(input_ids)}
+    with torch.no_grad():
+        expected = supernet(**features).logits.numpy()
+        got = exported(**features).logits.numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert sum(p.numel() for p in exported.parameters()) < sum(p.numel() for p in supernet.parameters())
+
+    arrays = {k: v.numpy() for k, v in features.items()}
+    np.testing.assert_allclose(onnx_logits(folder / "model.onnx", arrays), expected, atol=1e-4)
+    np.testing.assert_allclose(openvino_logits(folder / "openvino" / "model.xml", arrays, precision="f32"), expected, atol=1e-4)
+    assert (folder / "openvino" / "model_int8.xml").is_file()
+
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["macs_ratio"] <= 0.6 + 1e-9
+    assert {"torch_batch1", "onnxruntime_batch1", "openvino_batch1", "openvino_int8_batch1"} <= set(metrics["latency_ms"])
+
+
+def test_search_outputs_are_consistent(finished_run):
+    _, run_dir, _ = finished_run
+    pareto = json.loads((run_dir / "search" / "pareto.json").read_text())
+    trials = json.loads((run_dir / "search" / "trials.json").read_text())
+    assert len(trials) >= 1 and pareto["front"]
+    best = pareto["best_per_budget"]["0.6"]
+    assert best["macs"] <= 0.6 * pareto["full_macs"]
+    assert best["score"] == max(t["score"] for t in trials if t["macs"] <= 0.6 * pareto["full_macs"])
+
+
+def test_export_of_a_subnet_file_and_profile(finished_run, tmp_path):
+    path, run_dir, _ = finished_run
+    space = json.loads((run_dir / "space" / "search_space.json").read_text())
+    subnet_file = tmp_path / "smallest.json"
+    subnet_file.write_text(json.dumps(space["targets"][-1]["subnet"]))
+    invoke("export", path, "--subnet", subnet_file, "export.int8=false", "export.openvino=false", "name=tiny")
+    folder = run_dir / "export" / "smallest"
+    assert (folder / "model.safetensors").is_file() and (folder / "model.onnx").is_file()
+    output = " ".join(invoke("profile", folder, "--seq-len", "16").output.split())
+    assert "encoder:" in output and "of the full model" in output
+
+
+def test_stage_refuses_to_start_without_upstream(write_recipe):
+    result = CliRunner().invoke(app, ["search", str(write_recipe())])
+    assert result.exit_code == 2
+    assert "run `eftnas train-supernet` first" in " ".join(result.output.split())
+
+
+def test_run_directory_of_another_model_is_refused(finished_run, tmp_path, tiny_glue_dir):
+    path, run_dir, _ = finished_run
+    other = tmp_path / "other-model"
+    make_tiny_model(other, seed=1)
+    result = CliRunner().invoke(app, ["importance", str(path), f"model.name={other}"])
+    assert result.exit_code == 2
+    assert "was made for model" in " ".join(result.output.split())

@@ -1,0 +1,69 @@
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from eftnas_cli.cli import app
+from eftnas_cli.recipe import RecipeError, load_recipe
+
+CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.name
+
+
+def test_there_are_shipped_recipes():
+    assert any(p.name == "quickstart.yaml" for p in CONFIGS)
+
+
+def test_dotted_overrides_are_typed(write_recipe):
+    recipe = load_recipe(write_recipe(), ["finetune.epochs=1", "seed=3", "search.budgets=[0.5,0.3]", "model.teacher=null"])
+    assert recipe.finetune.epochs == 1.0 and recipe.seed == 3
+    assert recipe.search.budgets == [0.5, 0.3] and recipe.model.teacher is None
+
+
+def test_unknown_key_suggests_the_nearest(write_recipe):
+    with pytest.raises(RecipeError, match=r"unknown key 'finetune.learning_rat'; did you mean 'finetune.learning_rate'"):
+        load_recipe(write_recipe(), ["finetune.learning_rat=1e-4"])
+
+
+# Ten bad recipes (as YAML text or as overrides), each a one-line error, exit 2, nothing written.
+BAD_RECIPES = [
+    ("unknown top-level key", {"sead": 1}, [], "unknown key 'sead'; did you mean 'seed'"),
+    ("unknown section key", {"finetune.epoch": 1}, [], "did you mean 'finetune.epochs'"),
+    ("wrong type", {"finetune.batch_size": "big"}, [], "finetune.batch_size"),
+    ("out of range", {"finetune.learning_rate": -1}, [], "finetune.learning_rate"),
+    ("bad budget", {}, ["search.budgets=[1.5]"], "budgets are fractions"),
+    ("warm-up order", {"importance.warmup_start_epoch": 3, "importance.warmup_end_epoch": 1}, [], "warmup_end_epoch"),
+    ("bad override syntax", {}, ["finetune.epochs"], "is not key=value"),
+    ("unknown task", {"task.name": "mrcp"}, [], "unknown task 'mrcp'"),
+    ("missing model folder", {"model.name": "./no/such/model"}, [], "no config.json"),
+    ("missing data folder", {"task.data_dir": "/no/such/glue"}, [], "/no/such/glue"),
+]
+
+
+@pytest.mark.parametrize("label,changes,overrides,message", BAD_RECIPES, ids=[b[0] for b in BAD_RECIPES])
+def test_bad_recipe_is_one_line_exit_2_no_debris(write_recipe, tmp_path, label, changes, overrides, message):
+    recipe = write_recipe(changes)
+    result = CliRunner().invoke(app, ["finetune", str(recipe), *overrides])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert message in " ".join(result.output.split()), result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_recipe_file(tmp_path):
+    result = CliRunner().invoke(app, ["finetune", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2 and "recipe file not found" in result.output
+
+
+def test_invalid_yaml(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("finetune: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(path)
