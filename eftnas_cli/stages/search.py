@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -164,7 +165,9 @@ def search(recipe: Recipe, storage: str | None = None) -> dict:
                                section.eval_batch_size)
 
     optuna.logging.set_verbosity(logging.WARNING)
-    space_id = hashlib.sha256(space_file.read_bytes()).hexdigest()[:12]
+    # Trials are only comparable for one super-network, space and set of evaluation rows.
+    supernet_outputs = json.dumps(run.record("train-supernet")["outputs"], sort_keys=True)
+    space_id = hashlib.sha256(f"{supernet_outputs}{len(objective.rows)}".encode()).hexdigest()[:12]
     if storage is None:
         (run.path / "studies").mkdir(parents=True, exist_ok=True)
         storage = f"sqlite:///{(run.path / 'studies' / 'search.db').resolve()}"

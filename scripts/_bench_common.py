@@ -1,0 +1,166 @@
+"""What the benchmark scripts share: provenance (command, date, machine, versions), markdown
+tables, target checks and the tiny offline inputs of `--smoke` runs.
+
+Only the standard library is imported at module level: `bench_quality.py` must be able to hide
+GPUs (`--device cpu`) before anything imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import sys
+import time
+from contextlib import suppress
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Versions that decide the numbers of a benchmark, in the order they are shown.
+VERSIONED_PACKAGES = ("eftnas", "torch", "transformers", "datasets", "optuna", "onnxruntime", "openvino", "nncf")
+
+
+# ---- device ------------------------------------------------------------------------------------
+def hide_gpus_if_cpu_requested(argv: list[str]) -> None:
+    """`--device cpu` hides the GPUs from this process (CUDA_VISIBLE_DEVICES="").
+
+    The Hugging Face Trainers inside the pipeline pick a GPU whenever torch sees one, and torch
+    reads CUDA_VISIBLE_DEVICES only once, when it first looks for devices: so this must run
+    before torch is imported, which is why it reads the raw arguments instead of parsed ones.
+    """
+    for index, argument in enumerate(argv):
+        value = argument.split("=", 1)[1] if argument.startswith("--device=") else None
+        if argument == "--device" and index + 1 < len(argv):
+            value = argv[index + 1]
+        if value == "cpu":
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+# ---- provenance --------------------------------------------------------------------------------
+def command_line() -> str:
+    """The command as the user typed it (relative script path, arguments quoted)."""
+    return "python " + shlex.join(sys.argv)
+
+
+def cpu_model() -> str:
+    with suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def cpu_count() -> int:
+    """Cores this process may use: what `nproc` prints (affinity, not the host's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in VERSIONED_PACKAGES:
+        with suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    return versions
+
+
+def provenance(device: str, extra: dict[str, str] | None = None) -> dict:
+    """Everything a reader needs to reproduce a result, as stored in the JSON and the header."""
+    machine = {"nproc": cpu_count(), "cpu": cpu_model()}
+    if device.startswith("cuda"):
+        import torch
+
+        machine["gpu"] = torch.cuda.get_device_name()
+    return {
+        "command": command_line(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "device": device,
+        "machine": machine,
+        "versions": library_versions(),
+        **(extra or {}),
+    }
+
+
+def provenance_lines(record: dict) -> list[str]:
+    """Markdown bullet lines describing `provenance(...)`."""
+    machine = record["machine"]
+    machine_text = f"{machine['nproc']} CPU cores available (nproc), {machine['cpu']}"
+    if "gpu" in machine:
+        machine_text += f", GPU {machine['gpu']}"
+    lines = [
+        f"- command: `{record['command']}`",
+        f"- date: {record['date']}",
+        f"- machine: {machine_text}; torch device: {record['device']}",
+        "- versions: " + ", ".join(f"{name} {version}" for name, version in record["versions"].items()),
+    ]
+    for key, value in record.items():
+        if key not in ("command", "date", "device", "machine", "versions"):
+            lines.append(f"- {key}: {value}")
+    return lines
+
+
+# ---- formatting --------------------------------------------------------------------------------
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A GitHub markdown table; the first column left-aligned, the others right-aligned."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
+
+    def line(cells) -> str:
+        padded = [str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "| " + " | ".join(("-" * (w - 1) + ":") if i else "-" * w for i, w in enumerate(widths)) + " |"
+    return "\n".join([line(headers), rule, *(line(row) for row in rows)])
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, seconds = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m {seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
+def write_report(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text if text.endswith("\n") else text + "\n")
+
+
+# ---- targets -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TargetCheck:
+    """One target of a benchmark and what was measured; a miss is shown, never hidden."""
+
+    scope: str  # what is checked, e.g. "mrpc @ 0.5"
+    target: str
+    measured: str
+    met: bool | None  # None: could not be measured
+
+    @property
+    def verdict(self) -> str:
+        return "n/a" if self.met is None else ("met" if self.met else "MISSED")
+
+    def as_dict(self) -> dict:
+        return {"scope": self.scope, "target": self.target, "measured": self.measured, "met": self.met}
+
+
+def targets_table(checks: list[TargetCheck]) -> str:
+    rows = [[c.scope, c.target, c.measured, c.verdict] for c in checks]
+    return markdown_table(["scope", "target", "measured", "verdict"], rows)
+
+
+# ---- smoke runs --------------------------------------------------------------------------------
+def make_smoke_inputs(root: Path, task: str = "mrpc") -> tuple[Path, Path]:
+    """A tiny random model and tiny synthetic GLUE data under `root`: (model folder, data folder)."""
+    from eftnas_cli.testing import make_tiny_glue_dir, make_tiny_model
+
+    model_dir = make_tiny_model(root / "tiny-model")
+    glue_dir = make_tiny_glue_dir(root / "tiny-glue", task, n_train=64, n_eval=32)
+    return model_dir, glue_dir
