@@ -113,6 +113,18 @@ def to_openvino(onnx_path: Path, xml_path: Path) -> Path:
     return xml_path
 
 
+def calibration_batches(dataset, collator, input_names: list[str], samples: int, batch_size: int = 8) -> list[dict[str, np.ndarray]]:
+    """INT8 calibration data: the first `samples` tokenized rows, padded in batches, as numpy."""
+    rows = dataset.select(range(min(samples, len(dataset))))
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        count = len(chunk[input_names[0]])
+        features = collator([{name: chunk[name][i] for name in input_names} for i in range(count)])
+        batches.append({name: features[name].numpy().astype(np.int64) for name in input_names})
+    return batches
+
+
 def quantize_int8(xml_path: Path, calibration: list[dict[str, np.ndarray]], out_xml: Path) -> Path:
     """Post-training INT8 quantization of an OpenVINO IR with NNCF, calibrated on `calibration`.
 

@@ -123,6 +123,7 @@ class Recipe(Section):
     name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
     output_dir: str = "runs"
     seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
     model: ModelSection = ModelSection()
     task: TaskSection = TaskSection()
     finetune: FinetuneSection = FinetuneSection()

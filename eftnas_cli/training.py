@@ -16,10 +16,10 @@ from eftnas_cli.recipe import TrainingSection
 from eftnas_cli.ui import console, progress
 
 
-def _precision(section: TrainingSection) -> dict[str, bool]:
+def _precision(section: TrainingSection, device: str) -> dict[str, bool]:
     choice = section.mixed_precision
     if choice == "auto":
-        if not torch.cuda.is_available():
+        if device == "cpu" or not torch.cuda.is_available():
             return {}
         choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return {} if choice == "no" else {choice: True}
@@ -30,6 +30,7 @@ def training_arguments(
     output_dir: Path,
     seed: int,
     *,
+    device: str = "auto",
     main_metric: str | None = None,
     save_steps: int | None = None,
 ) -> TrainingArguments:
@@ -60,11 +61,12 @@ def training_arguments(
         logging_steps=10,
         seed=seed,
         report_to="none",
+        use_cpu=device == "cpu",
         disable_tqdm=True,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
-        **_precision(section),
+        **_precision(section, device),
     )
 
 

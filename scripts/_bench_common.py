@@ -104,15 +104,17 @@ def provenance_lines(record: dict) -> list[str]:
 
 
 # ---- formatting --------------------------------------------------------------------------------
-def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    """A GitHub markdown table; the first column left-aligned, the others right-aligned."""
+def markdown_table(headers: list[str], rows: list[list[str]], align: str | None = None) -> str:
+    """A GitHub markdown table; `align` has one letter per column, "l" or "r" (default: the first
+    column left, the others right)."""
+    align = align or "l" + "r" * (len(headers) - 1)
     widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
 
     def line(cells) -> str:
-        padded = [str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        padded = [str(c).ljust(w) if a == "l" else str(c).rjust(w) for c, w, a in zip(cells, widths, align)]
         return "| " + " | ".join(padded) + " |"
 
-    rule = "| " + " | ".join(("-" * (w - 1) + ":") if i else "-" * w for i, w in enumerate(widths)) + " |"
+    rule = "| " + " | ".join("-" * w if a == "l" else "-" * (w - 1) + ":" for w, a in zip(widths, align)) + " |"
     return "\n".join([line(headers), rule, *(line(row) for row in rows)])
 
 
@@ -153,14 +155,20 @@ class TargetCheck:
 
 def targets_table(checks: list[TargetCheck]) -> str:
     rows = [[c.scope, c.target, c.measured, c.verdict] for c in checks]
-    return markdown_table(["scope", "target", "measured", "verdict"], rows)
+    return markdown_table(["scope", "target", "measured", "verdict"], rows, align="llrl")
 
 
 # ---- smoke runs --------------------------------------------------------------------------------
-def make_smoke_inputs(root: Path, task: str = "mrpc") -> tuple[Path, Path]:
-    """A tiny random model and tiny synthetic GLUE data under `root`: (model folder, data folder)."""
-    from eftnas_cli.testing import make_tiny_glue_dir, make_tiny_model
+# On top of testing.TINY_RECIPE: fewer training steps, since a smoke run only checks the plumbing.
+SMOKE_RECIPE_CHANGES = {"finetune.epochs": 1, "importance.epochs": 1}
+
+
+def write_smoke_recipe(root: Path, changes: dict | None = None, task: str = "mrpc") -> Path:
+    """A tiny random model, tiny synthetic GLUE data and the tiny recipe for them, all under `root`
+    (runs go to `root/runs`); returns the recipe file."""
+    from eftnas_cli.testing import make_tiny_glue_dir, make_tiny_model, write_tiny_recipe
 
     model_dir = make_tiny_model(root / "tiny-model")
-    glue_dir = make_tiny_glue_dir(root / "tiny-glue", task, n_train=64, n_eval=32)
-    return model_dir, glue_dir
+    glue_dir = make_tiny_glue_dir(root / "tiny-glue", task, n_train=32, n_eval=16)
+    return write_tiny_recipe(root / "recipe.yaml", root / "runs", model_dir, glue_dir,
+                             {**SMOKE_RECIPE_CHANGES, **(changes or {})})

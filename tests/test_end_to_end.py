@@ -120,3 +120,31 @@ def test_run_directory_of_another_model_is_refused(finished_run, tmp_path, tiny_
     result = CliRunner().invoke(app, ["importance", str(path), f"model.name={other}"])
     assert result.exit_code == 2
     assert "was made for model" in " ".join(result.output.split())
+
+
+def test_export_by_trial_number(finished_run):
+    path, run_dir, _ = finished_run
+    trial = json.loads((run_dir / "search" / "pareto.json").read_text())["front"][0]["trial"]
+    invoke("export", path, "--trial", trial, "export.onnx=false", "export.openvino=false")
+    exported = load_model(str(run_dir / "export" / f"trial-{trial}"), get_task("mrpc"))
+    # Earlier exports stay beside the new one.
+    assert (run_dir / "export" / "budget-0.6" / "model.safetensors").is_file()
+    summary = json.loads((run_dir / "export" / "summary.json").read_text())
+    assert {"budget-0.6", "smallest", f"trial-{trial}"} <= set(summary["exports"])
+    front = json.loads((run_dir / "search" / "pareto.json").read_text())["front"][0]
+    assert exported.config.eftnas_subnet == front["subnet"]
+
+
+def test_search_with_latency_as_third_objective(finished_run):
+    path, run_dir, _ = finished_run
+    invoke("search", path, "search.latency=true", "search.trials=3", "search.latency_seq_len=8")
+    trials = json.loads((run_dir / "search" / "trials.json").read_text())
+    assert len(trials) == 3 and all(t["latency_ms"] > 0 for t in trials)
+    header = (run_dir / "search" / "trials.csv").read_text().splitlines()[0].split(",")
+    assert "latency_ms" in header and "macs_ratio" in header
+
+
+def test_unknown_trial_is_a_user_error(finished_run):
+    path, _, _ = finished_run
+    result = CliRunner().invoke(app, ["export", str(path), "--trial", "999"])
+    assert result.exit_code == 2 and "no completed search trial" in result.output

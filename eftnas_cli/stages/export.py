@@ -10,16 +10,18 @@ record is an error, since it would mean extraction changed the function.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from eftnas_cli import elastic
 from eftnas_cli.errors import UserError
-from eftnas_cli.models import load_model, load_tokenizer, save_model
+from eftnas_cli.models import best_device, load_model, load_tokenizer, save_model
 from eftnas_cli.recipe import ExportSection, Recipe
 from eftnas_cli.rundir import RunDir, write_json
 from eftnas_cli.stages.common import first_eval_split, model_files, task_data, teacher_folder
+from eftnas_cli.stages.gen_space import SPACE_FILE, SearchSpace
 from eftnas_cli.stages.search import PARETO_FILE, TRIALS_FILE, describe, percent_of
 from eftnas_cli.stages.train_supernet import supernet_folder
 from eftnas_cli.training import evaluate
@@ -51,27 +53,19 @@ def choose_subnets(run: RunDir, budgets, trial, subnet_file) -> list[tuple[str, 
     return chosen
 
 
-def _calibration_batches(data, input_names: list[str], samples: int, batch_size: int = 8) -> list[dict[str, np.ndarray]]:
-    rows = data.train.select(range(min(samples, len(data.train))))
-    batches = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        features = data.collator([{k: chunk[k][i] for k in input_names} for i in range(len(chunk[input_names[0]]))])
-        batches.append({k: features[k].numpy().astype(np.int64) for k in input_names})
-    return batches
-
-
-def _latencies(model, folder: Path | None, section: ExportSection, vocab_size: int) -> dict:
-    """Latency (median ms) per backend and batch size at the recipe's sequence length."""
+def _latencies(model, folder: Path | None, section: ExportSection) -> dict:
+    """Latency (median ms) per backend and batch size at the recipe's sequence length; torch runs
+    where the model is, ONNX Runtime and OpenVINO on the CPU."""
     from eftnas_cli.deploy import model_input_names
     from eftnas_cli.latency import dummy_features, onnx_latency, openvino_latency, torch_latency
 
     names = model_input_names(model)
     results = {}
     for batch in section.latency_batch_sizes:
-        features = dummy_features(names, batch, section.latency_seq_len, vocab_size)
+        features = dummy_features(names, batch, section.latency_seq_len, model.config.vocab_size)
         key = f"batch{batch}"
-        results[f"torch_{key}"] = torch_latency(model, features, runs=section.latency_runs).median_ms
+        device = str(next(model.parameters()).device)
+        results[f"torch_{key}"] = torch_latency(model, features, runs=section.latency_runs, device=device).median_ms
         if folder is not None and (folder / "model.onnx").exists():
             results[f"onnxruntime_{key}"] = onnx_latency(folder / "model.onnx", features, runs=section.latency_runs).median_ms
         if folder is not None and (folder / "openvino" / "model.xml").exists():
@@ -84,7 +78,7 @@ def _latencies(model, folder: Path | None, section: ExportSection, vocab_size: i
 
 
 def _deploy_formats(model, folder: Path, section: ExportSection, data) -> None:
-    from eftnas_cli.deploy import export_onnx, model_input_names, quantize_int8, to_openvino
+    from eftnas_cli.deploy import calibration_batches, export_onnx, model_input_names, quantize_int8, to_openvino
 
     if not (section.onnx or section.openvino):
         return
@@ -92,10 +86,19 @@ def _deploy_formats(model, folder: Path, section: ExportSection, data) -> None:
     if section.openvino:
         xml = to_openvino(onnx_path, folder / "openvino" / "model.xml")
         if section.int8:
-            calibration = _calibration_batches(data, model_input_names(model), section.calibration_samples)
+            calibration = calibration_batches(data.train, data.collator, model_input_names(model), section.calibration_samples)
             quantize_int8(xml, calibration, folder / "openvino" / "model_int8.xml")
     if not section.onnx:
         onnx_path.unlink()
+
+
+def _earlier_exports(folder: Path, replaced: set[str]) -> dict[str, dict]:
+    """Label → metrics of exports a previous call made that this call does not redo."""
+    summary_file = folder / "summary.json"
+    if not summary_file.is_file():
+        return {}
+    exports = json.loads(summary_file.read_text())["exports"]
+    return {label: metrics for label, metrics in exports.items() if label not in replaced and (folder / label).is_dir()}
 
 
 def export(recipe: Recipe, budgets=None, trial: int | None = None, subnet_file: Path | None = None) -> dict:
@@ -110,29 +113,36 @@ def export(recipe: Recipe, budgets=None, trial: int | None = None, subnet_file: 
     supernet = elastic.make_elastic(load_model(str(supernet_dir), data.spec))
     for _, subnet, _ in chosen:
         elastic.validate_subnet(supernet.config, subnet)
+    device = best_device(recipe.device)
     split = data.eval[first_eval_split(data)]
     pareto_file = run.stage_dir("search") / PARETO_FILE
     search_rows = json.loads(pareto_file.read_text())["eval_rows"] if pareto_file.exists() else len(split)
-    seq_len = section.latency_seq_len
+    seq_len = SearchSpace.load(supernet_dir.parent / SPACE_FILE).seq_len  # the search's MACs convention
     full_macs = elastic.macs(supernet.config, None, seq_len).encoder
 
-    teacher = load_model(teacher_dir, data.spec).eval()
+    teacher = load_model(teacher_dir, data.spec).to(device).eval()
     summary = {"teacher": {
         "metrics": evaluate(teacher, split, data.collator, data.spec),
         "gmacs": full_macs / 1e9,
         "params": elastic.count_params(teacher.config).encoder,
-        "latency_ms": _latencies(teacher, None, section, teacher.config.vocab_size),
+        "latency_ms": _latencies(teacher, None, section),
     }, "exports": {}}
+    previous = run.stage_dir("export")
+    kept = _earlier_exports(previous, {label for label, _, _ in chosen})
 
     with run.stage("export") as out:
         for path in [*model_files(supernet_dir), *model_files(teacher_dir)]:
             out.add_input(path)
+        # Exports of earlier calls stay beside the new ones (a new label replaces its namesake).
+        for label, metrics in kept.items():
+            shutil.copytree(previous / label, out.dir / label)
+            summary["exports"][label] = metrics
         for label, subnet, record in chosen:
             console.print(f"export {label}: {describe(subnet)}")
             folder = out.dir / label
             elastic.activate(supernet, subnet)
             save_model(elastic.extract(supernet, subnet), tokenizer, folder)
-            exported = load_model(str(folder), data.spec).eval()
+            exported = load_model(str(folder), data.spec).to(device).eval()
             if record is not None:
                 rows = split.select(range(min(search_rows, len(split))))
                 rechecked = evaluate(exported, rows, data.collator, data.spec)["score"]
@@ -148,7 +158,7 @@ def export(recipe: Recipe, budgets=None, trial: int | None = None, subnet_file: 
                 "gmacs": macs / 1e9,
                 "macs_ratio": macs / full_macs,
                 "params": elastic.count_params(supernet.config, subnet).encoder,
-                "latency_ms": _latencies(exported, folder, section, exported.config.vocab_size),
+                "latency_ms": _latencies(exported, folder, section),
             }
             write_json(folder / "metrics.json", metrics)
             summary["exports"][label] = metrics

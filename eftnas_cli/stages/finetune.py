@@ -28,7 +28,7 @@ def finetune(recipe: Recipe) -> dict:
         checkpoints = out.dir / "checkpoints"
         trainer = QuietTrainer(
             model=model,
-            args=training_arguments(section, checkpoints, recipe.seed, main_metric="score"),
+            args=training_arguments(section, checkpoints, recipe.seed, device=recipe.device, main_metric="score"),
             train_dataset=data.train,
             eval_dataset=data.eval[first_eval_split(data)],
             data_collator=data.collator,

@@ -152,7 +152,7 @@ def compute_importance(recipe: Recipe) -> dict:
             out.add_input(path)
         trainer = MovementTrainer(
             model=model,
-            args=training_arguments(section, out.dir / "checkpoints", recipe.seed, save_steps=10**9),
+            args=training_arguments(section, out.dir / "checkpoints", recipe.seed, device=recipe.device, save_steps=10**9),
             train_dataset=data.train,
             data_collator=data.collator,
             processing_class=tokenizer,

@@ -36,7 +36,8 @@ def run_pipeline(recipe: Recipe) -> dict:
         results[name] = stage(recipe)
     if results["export"] is None:
         # Nothing was redone, but the user still expects the result: show the last summary.
+        from eftnas_cli.data import get_task
         from eftnas_cli.stages.export import print_summary
 
-        print_summary(run.record("export")["metrics"], recipe.task.name)
+        print_summary(run.record("export")["metrics"], get_task(recipe.task.name).main_metric)
     return results

@@ -17,7 +17,7 @@ from pathlib import Path
 import optuna
 
 from eftnas_cli import elastic
-from eftnas_cli.models import load_model, load_tokenizer
+from eftnas_cli.models import best_device, load_model, load_tokenizer
 from eftnas_cli.plots import pareto_plot
 from eftnas_cli.recipe import Recipe, SearchSection
 from eftnas_cli.rundir import RunDir, write_json
@@ -93,7 +93,8 @@ class SubnetObjective:
             model_input_names(self.model), self.section.latency_batch_size, self.section.latency_seq_len,
             self.model.config.vocab_size,
         )
-        return torch_latency(self.model, features, runs=5, warmup=1).median_ms
+        device = str(next(self.model.parameters()).device)
+        return torch_latency(self.model, features, runs=5, warmup=1, device=device).median_ms
 
     def remember(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.state == optuna.trial.TrialState.COMPLETE:
@@ -158,10 +159,11 @@ def search(recipe: Recipe, storage: str | None = None) -> dict:
     teacher_dir = teacher_folder(recipe, run, by="search")
     tokenizer = load_tokenizer(recipe.model.name)
     data = task_data(recipe, tokenizer)
-    model = elastic.make_elastic(load_model(str(supernet_dir), data.spec))
+    device = best_device(recipe.device)
+    model = elastic.make_elastic(load_model(str(supernet_dir), data.spec)).to(device)
     full_macs = elastic.macs(model.config, None, space.seq_len).encoder
     objective = SubnetObjective(model, space, data, section, full_macs)
-    teacher_metrics = evaluate(load_model(teacher_dir, data.spec), objective.rows, data.collator, data.spec,
+    teacher_metrics = evaluate(load_model(teacher_dir, data.spec).to(device), objective.rows, data.collator, data.spec,
                                section.eval_batch_size)
 
     optuna.logging.set_verbosity(logging.WARNING)

@@ -124,7 +124,8 @@ def train_supernet(recipe: Recipe, resume: bool = False) -> dict:
             out.add_input(path)
         trainer = SandwichTrainer(
             model=model,
-            args=training_arguments(section, checkpoints, recipe.seed, save_steps=section.save_steps),
+            args=training_arguments(section, checkpoints, recipe.seed, device=recipe.device,
+                                    save_steps=section.save_steps),
             train_dataset=data.train,
             data_collator=data.collator,
             processing_class=tokenizer,
@@ -149,6 +150,8 @@ def train_supernet(recipe: Recipe, resume: bool = False) -> dict:
         write_json(out.dir / "metrics.json", out.metrics)
     # The finished super-network is saved; the resumable checkpoints are no longer needed.
     shutil.rmtree(checkpoints, ignore_errors=True)
+    if not any(checkpoints.parent.iterdir()):
+        checkpoints.parent.rmdir()
     console.print("super-network: " + ", ".join(f"{k} {v['score']:.4f}" for k, v in final.items()))
     return out.metrics
 
