@@ -10,12 +10,16 @@ from eftnas_cli.stages.finetune import finetune
 from eftnas_cli.stages.gen_space import SearchSpace, generate_space
 from eftnas_cli.stages.importance import compute_importance
 from eftnas_cli.stages.train_supernet import SandwichTrainer, train_supernet
+from eftnas_cli.testing import write_tiny_recipe
 from eftnas_cli.training import distillation_loss
 
 
-@pytest.fixture
-def recipe_with_space(write_recipe):
-    recipe = load_recipe(write_recipe(), ["supernet.max_steps=4", "supernet.save_steps=2"])
+@pytest.fixture(scope="module")
+def recipe_with_space(tmp_path_factory, tiny_model_dir, tiny_glue_dir):
+    """A tiny run up to gen-space, shared by this module's tests."""
+    root = tmp_path_factory.mktemp("supernet")
+    path = write_tiny_recipe(root / "recipe.yaml", root / "runs", tiny_model_dir, tiny_glue_dir)
+    recipe = load_recipe(path, ["supernet.max_steps=4", "supernet.save_steps=2"])
     finetune(recipe)
     compute_importance(recipe)
     generate_space(recipe)
