@@ -14,12 +14,10 @@ import sys
 import time
 from contextlib import suppress
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Versions that decide the numbers of a benchmark, in the order they are shown.
-VERSIONED_PACKAGES = ("eftnas", "torch", "transformers", "datasets", "optuna", "onnxruntime", "openvino", "nncf")
 
 
 # ---- device ------------------------------------------------------------------------------------
@@ -61,11 +59,9 @@ def cpu_count() -> int:
 
 
 def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for package in VERSIONED_PACKAGES:
-        with suppress(metadata.PackageNotFoundError):
-            versions[package] = metadata.version(package)
-    return versions
+    from eftnas_cli.rundir import library_versions as packages
+
+    return {"python": platform.python_version(), **packages()}
 
 
 def provenance(device: str, extra: dict[str, str] | None = None) -> dict:
@@ -172,3 +168,28 @@ def write_smoke_recipe(root: Path, changes: dict | None = None, task: str = "mrp
     glue_dir = make_tiny_glue_dir(root / "tiny-glue", task, n_train=32, n_eval=16)
     return write_tiny_recipe(root / "recipe.yaml", root / "runs", model_dir, glue_dir,
                              {**SMOKE_RECIPE_CHANGES, **(changes or {})})
+
+
+def print_target_summary(checks: list[dict]) -> None:
+    """One closing line: how many targets were missed, and which."""
+    missed = [check for check in checks if check["met"] is False]
+    listed = ": " + "; ".join(f"{c['scope']}: {c['target']}" for c in missed) if missed else ""
+    print(f"targets: {len(missed)} missed{listed}")
+
+
+def main_with_smoke(args, run, smoke_prefix: str) -> int:
+    """Run `run(args, scratch)`: scratch is a temporary folder under --smoke, else None.
+    A user error is one red line and exit code 2."""
+    import tempfile
+
+    from eftnas_cli.errors import USER_ERRORS
+    from eftnas_cli.ui import console
+
+    try:
+        if not args.smoke:
+            return run(args, None)
+        with tempfile.TemporaryDirectory(prefix=smoke_prefix) as scratch:
+            return run(args, Path(scratch))
+    except USER_ERRORS as error:
+        console.print(f"[red]error:[/red] {error}", soft_wrap=True)
+        return 2

@@ -46,7 +46,6 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from eftnas_cli import elastic  # noqa: E402
-from eftnas_cli.errors import USER_ERRORS  # noqa: E402
 from eftnas_cli.models import load_model, load_tokenizer  # noqa: E402
 from eftnas_cli.recipe import Recipe, load_recipe  # noqa: E402
 from eftnas_cli.rundir import RunDir, sha256, write_json  # noqa: E402
@@ -547,22 +546,12 @@ def run(args: argparse.Namespace, scratch: Path | None) -> int:
     common.write_report(out, report)
     print(report)
     print(f"written: {out} and {json_path}")
-    missed = [check for result in new_results.values() for check in result["targets"] if check["met"] is False]
-    print(f"targets: {len(missed)} missed" + (": " + "; ".join(f"{c['scope']}: {c['target']}" for c in missed)
-                                              if missed else ""))
+    common.print_target_summary([check for result in new_results.values() for check in result["targets"]])
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        if not args.smoke:
-            return run(args, None)
-        with tempfile.TemporaryDirectory(prefix="eftnas-bench-quality-smoke-") as scratch:
-            return run(args, Path(scratch))
-    except USER_ERRORS as error:
-        console.print(f"[red]error:[/red] {error}", soft_wrap=True)
-        return 2
+    return common.main_with_smoke(parse_args(argv), run, "eftnas-bench-quality-smoke-")
 
 
 if __name__ == "__main__":

@@ -23,19 +23,24 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import _bench_common as common
 import numpy as np
 import torch
 
-import _bench_common as common
 from eftnas_cli import elastic
 from eftnas_cli.data import get_task
-from eftnas_cli.deploy import calibration_batches, export_onnx, model_input_names, openvino_compiled, quantize_int8, to_openvino
-from eftnas_cli.errors import USER_ERRORS
+from eftnas_cli.deploy import (
+    calibration_batches,
+    export_onnx,
+    model_input_names,
+    openvino_compiled,
+    quantize_int8,
+    to_openvino,
+)
 from eftnas_cli.latency import dummy_features, onnx_latency, openvino_latency, torch_latency
 from eftnas_cli.models import load_model, load_tokenizer
 from eftnas_cli.recipe import Recipe, load_recipe
@@ -385,22 +390,12 @@ def run(args: argparse.Namespace, scratch: Path | None) -> int:
     write_json(out.with_suffix(".json"), results)
     print(report)
     print(f"written: {out} and {out.with_suffix('.json')}")
-    missed = [check for check in results["targets"] if check["met"] is False]
-    print(f"targets: {len(missed)} missed" + (": " + "; ".join(f"{c['scope']}: {c['target']}" for c in missed)
-                                              if missed else ""))
+    common.print_target_summary(results["targets"])
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        if not args.smoke:
-            return run(args, None)
-        with tempfile.TemporaryDirectory(prefix="eftnas-bench-speed-smoke-") as scratch:
-            return run(args, Path(scratch))
-    except USER_ERRORS as error:
-        console.print(f"[red]error:[/red] {error}", soft_wrap=True)
-        return 2
+    return common.main_with_smoke(parse_args(argv), run, "eftnas-bench-speed-smoke-")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import pytest
 
 from eftnas_cli.testing import make_tiny_glue_dir, make_tiny_model, write_tiny_recipe
 
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))

@@ -5,7 +5,13 @@ from safetensors.torch import load_file
 from eftnas_cli.data import get_task
 from eftnas_cli.models import load_model
 from eftnas_cli.recipe import load_recipe
-from eftnas_cli.stages.importance import IMPORTANCE_FILE, MovementScores, compute_importance, cubic_warmup, unit_projections
+from eftnas_cli.stages.importance import (
+    IMPORTANCE_FILE,
+    MovementScores,
+    compute_importance,
+    cubic_warmup,
+    unit_projections,
+)
 
 
 def test_cubic_warmup_shape():

@@ -13,8 +13,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
-
 from eftnas_cli import elastic
 from eftnas_cli.errors import UserError
 from eftnas_cli.models import best_device, load_model, load_tokenizer, save_model

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 
-
 from eftnas_cli.models import load_model, load_tokenizer, save_model
 from eftnas_cli.recipe import Recipe
 from eftnas_cli.rundir import RunDir, write_json
