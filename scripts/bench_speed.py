@@ -159,19 +159,25 @@ def openvino_default_precision(xml: Path) -> str:
 
 
 # ---- measurements ----------------------------------------------------------------------------------
-def latencies(model, files: DeployFiles, args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """Median latency (ms) per backend and batch size; every backend gets the same features.
+def torch_latencies(model, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Median torch latency (ms) per batch size (string keys, as they read back from the JSON)."""
+    names = model_input_names(model)
+    by_batch = {}
+    for batch_size in args.batch_sizes:
+        features = dummy_features(names, batch_size, args.seq_len, model.config.vocab_size)
+        by_batch[str(batch_size)] = torch_latency(model, features, args.runs, args.warmup, device=args.device).median_ms
+    return {f"torch fp32 ({args.device})": by_batch}
 
-    Batch sizes are string keys, as they read back from the JSON.
-    """
+
+def converted_latencies(model, files: DeployFiles, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Median latency (ms) of the ONNX Runtime and OpenVINO files per batch size; the same
+    features as torch_latencies."""
     names = model_input_names(model)
     default_precision = openvino_default_precision(files.openvino)
     results: dict[str, dict[str, float]] = {}
     for batch_size in args.batch_sizes:
         features = dummy_features(names, batch_size, args.seq_len, model.config.vocab_size)
         timed = {
-            f"torch fp32 ({args.device})": lambda: torch_latency(model, features, args.runs, args.warmup,
-                                                                 device=args.device),
             "ONNX Runtime fp32": lambda: onnx_latency(files.onnx, features, args.runs, args.warmup),
             "OpenVINO f32": lambda: openvino_latency(files.openvino, features, "f32", args.runs, args.warmup),
             f"OpenVINO default ({default_precision})": lambda: openvino_latency(
@@ -349,15 +355,19 @@ def bench(args: argparse.Namespace) -> dict:
     models = [("dense (teacher)", Path(teacher_folder(recipe, run, by=BY)), None)]
     models += [(f"budget {budget:g}", folder, budget) for budget, folder in ensure_exports(recipe, args.budgets).items()]
 
+    # Torch first, for every model, before any OpenVINO work: OpenVINO's worker threads linger
+    # after it runs (quantization included) and slow a torch measurement taken right after.
+    loaded = [(label, folder, budget, load_model(str(folder), spec).eval()) for label, folder, budget in models]
     measured = []
-    calibration = None
-    for label, folder, budget in models:
-        model = load_model(str(folder), spec).eval()
-        calibration = calibration or Calibration(recipe, model_input_names(model), model.config.vocab_size)
-        files = deploy_files(model, folder, run.path / CACHE_FOLDER, calibration)
-        console.print(f"latency of {label}: {len(args.batch_sizes)} batch size(s) x 5 backends")
+    for label, folder, budget, model in loaded:
+        console.print(f"torch latency of {label}: {len(args.batch_sizes)} batch size(s)")
         measured.append({"label": label, "folder": str(folder), "budget": budget,
-                         "macs_ratio": macs_ratio(model.config, args.seq_len), "latency_ms": latencies(model, files, args)})
+                         "macs_ratio": macs_ratio(model.config, args.seq_len), "latency_ms": torch_latencies(model, args)})
+    calibration = Calibration(recipe, model_input_names(loaded[0][3]), loaded[0][3].config.vocab_size)
+    for record, (label, folder, _, model) in zip(measured, loaded):
+        files = deploy_files(model, folder, run.path / CACHE_FOLDER, calibration)
+        console.print(f"ONNX Runtime and OpenVINO latency of {label}: {len(args.batch_sizes)} batch size(s) x 4 backends")
+        record["latency_ms"].update(converted_latencies(model, files, args))
 
     results = {
         "provenance": common.provenance(args.device, {

@@ -51,27 +51,39 @@ def choose_subnets(run: RunDir, budgets, trial, subnet_file) -> list[tuple[str, 
     return chosen
 
 
-def _latencies(model, folder: Path | None, section: ExportSection) -> dict:
-    """Latency (median ms) per backend and batch size at the recipe's sequence length; torch runs
-    where the model is, ONNX Runtime and OpenVINO on the CPU."""
+def _latency_features(model, section: ExportSection, batch: int) -> dict:
     from eftnas_cli.deploy import model_input_names
-    from eftnas_cli.latency import dummy_features, onnx_latency, openvino_latency, torch_latency
+    from eftnas_cli.latency import dummy_features
 
-    names = model_input_names(model)
+    return dummy_features(model_input_names(model), batch, section.latency_seq_len, model.config.vocab_size)
+
+
+def _torch_latencies(model, section: ExportSection) -> dict:
+    """Torch latency (median ms) per batch size, where the model is. Taken before any OpenVINO
+    work: OpenVINO's worker threads linger after it runs and would slow torch down."""
+    from eftnas_cli.latency import torch_latency
+
+    device = str(next(model.parameters()).device)
+    return {f"torch_batch{batch}": torch_latency(model, _latency_features(model, section, batch),
+                                                 runs=section.latency_runs, device=device).median_ms
+            for batch in section.latency_batch_sizes}
+
+
+def _converted_latencies(model, folder: Path, section: ExportSection) -> dict:
+    """ONNX Runtime, OpenVINO f32 and OpenVINO INT8 latency (median ms) of the files in `folder`."""
+    from eftnas_cli.latency import onnx_latency, openvino_latency
+
+    files = {"onnxruntime": (folder / "model.onnx", None), "openvino": (folder / "openvino" / "model.xml", "f32"),
+             "openvino_int8": (folder / "openvino" / "model_int8.xml", "default")}
     results = {}
     for batch in section.latency_batch_sizes:
-        features = dummy_features(names, batch, section.latency_seq_len, model.config.vocab_size)
-        key = f"batch{batch}"
-        device = str(next(model.parameters()).device)
-        results[f"torch_{key}"] = torch_latency(model, features, runs=section.latency_runs, device=device).median_ms
-        if folder is not None and (folder / "model.onnx").exists():
-            results[f"onnxruntime_{key}"] = onnx_latency(folder / "model.onnx", features, runs=section.latency_runs).median_ms
-        if folder is not None and (folder / "openvino" / "model.xml").exists():
-            results[f"openvino_{key}"] = openvino_latency(folder / "openvino" / "model.xml", features,
-                                                          runs=section.latency_runs).median_ms
-        if folder is not None and (folder / "openvino" / "model_int8.xml").exists():
-            results[f"openvino_int8_{key}"] = openvino_latency(folder / "openvino" / "model_int8.xml", features,
-                                                               precision="default", runs=section.latency_runs).median_ms
+        features = _latency_features(model, section, batch)
+        for backend, (path, precision) in files.items():
+            if not path.exists():
+                continue
+            latency = (onnx_latency(path, features, runs=section.latency_runs) if precision is None
+                       else openvino_latency(path, features, precision=precision, runs=section.latency_runs))
+            results[f"{backend}_batch{batch}"] = latency.median_ms
     return results
 
 
@@ -123,7 +135,7 @@ def export(recipe: Recipe, budgets=None, trial: int | None = None, subnet_file: 
         "metrics": evaluate(teacher, split, data.collator, data.spec),
         "gmacs": full_macs / 1e9,
         "params": elastic.count_params(teacher.config).encoder,
-        "latency_ms": _latencies(teacher, None, section),
+        "latency_ms": _torch_latencies(teacher, section),
     }, "exports": {}}
     previous = run.stage_dir("export")
     kept = _earlier_exports(previous, {label for label, _, _ in chosen})
@@ -135,12 +147,13 @@ def export(recipe: Recipe, budgets=None, trial: int | None = None, subnet_file: 
         for label, metrics in kept.items():
             shutil.copytree(previous / label, out.dir / label)
             summary["exports"][label] = metrics
+        exported_models = {}
         for label, subnet, record in chosen:
             console.print(f"export {label}: {describe(subnet)}")
             folder = out.dir / label
             elastic.activate(supernet, subnet)
             save_model(elastic.extract(supernet, subnet), tokenizer, folder)
-            exported = load_model(str(folder), data.spec).to(device).eval()
+            exported = exported_models[label] = load_model(str(folder), data.spec).to(device).eval()
             if record is not None:
                 rows = split.select(range(min(search_rows, len(split))))
                 rechecked = evaluate(exported, rows, data.collator, data.spec)["score"]
@@ -148,18 +161,21 @@ def export(recipe: Recipe, budgets=None, trial: int | None = None, subnet_file: 
                     raise RuntimeError(
                         f"{label}: exported model scores {rechecked:.4f}, the search recorded {record['score']:.4f}"
                     )
-            _deploy_formats(exported, folder, section, data)
             macs = elastic.macs(supernet.config, subnet, seq_len).encoder
-            metrics = {
+            summary["exports"][label] = {
                 "subnet": subnet.to_dict(),
                 "metrics": evaluate(exported, split, data.collator, data.spec),
                 "gmacs": macs / 1e9,
                 "macs_ratio": macs / full_macs,
                 "params": elastic.count_params(supernet.config, subnet).encoder,
-                "latency_ms": _latencies(exported, folder, section),
+                "latency_ms": _torch_latencies(exported, section),
             }
-            write_json(folder / "metrics.json", metrics)
-            summary["exports"][label] = metrics
+        # ONNX/OpenVINO conversion and timing only after every torch timing (see _torch_latencies).
+        for label, exported in exported_models.items():
+            folder = out.dir / label
+            _deploy_formats(exported, folder, section, data)
+            summary["exports"][label]["latency_ms"].update(_converted_latencies(exported, folder, section))
+            write_json(folder / "metrics.json", summary["exports"][label])
         write_json(out.dir / "summary.json", summary)
         out.metrics = summary
     print_summary(summary, data.spec.main_metric)
@@ -167,28 +183,28 @@ def export(recipe: Recipe, budgets=None, trial: int | None = None, subnet_file: 
 
 
 def print_summary(summary: dict, metric: str) -> None:
-    """The closing table: teacher vs each export — metric, % of teacher, MACs ratio, speed-up."""
+    """The closing table: teacher vs each export — metric, % of teacher, MACs ratio, speed-ups
+    over the dense teacher in torch (each batch size) and in OpenVINO (OV) f32 / INT8 (smallest batch)."""
+    from rich import box
     from rich.table import Table
 
     teacher = summary["teacher"]
-    base_score = teacher["metrics"]["score"]
-    base_latency = teacher["latency_ms"]
-    table = Table(title=f"eftnas result ({metric})")
-    for column in ("model", metric, "% of teacher", "GMACs", "MACs ratio", "speed-up torch b1", "speed-up torch b32",
-                   "speed-up OpenVINO b1", "speed-up OpenVINO INT8 b1"):
-        table.add_column(column, justify="right")
-    table.add_row("teacher (dense)", f"{base_score:.4f}", "100.0%", f"{teacher['gmacs']:.3f}", "1.000", "1.00×", "1.00×", "", "")
-
-    def speedup(latency: dict, key: str, reference: str) -> str:
-        return f"{base_latency[reference] / latency[key]:.2f}×" if key in latency and reference in base_latency else "-"
-
+    base_score, base_latency = teacher["metrics"]["score"], teacher["latency_ms"]
+    batches = sorted(int(key.removeprefix("torch_batch")) for key in base_latency if key.startswith("torch_batch"))
+    speedups = [(f"torch b{b}", f"torch_batch{b}", f"torch_batch{b}") for b in batches]
+    speedups += [(f"OV b{batches[0]}", f"openvino_batch{batches[0]}", f"torch_batch{batches[0]}"),
+                 (f"INT8 b{batches[0]}", f"openvino_int8_batch{batches[0]}", f"torch_batch{batches[0]}")]
+    table = Table(title=f"eftnas result: {metric}, MACs and speed-up over the dense teacher in torch",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("model", metric, "% teacher", "GMACs", *(name for name, _, _ in speedups)):
+        table.add_column(column, justify="right", no_wrap=column in ("model", "GMACs"))
+    table.add_row("teacher", f"{base_score:.4f}", "100.0%", f"{teacher['gmacs']:.2f}",
+                  *("1.00×" if key.startswith("torch") else "" for _, key, _ in speedups))
     for label, export in summary["exports"].items():
-        score = export["metrics"]["score"]
         latency = export["latency_ms"]
         table.add_row(
-            label, f"{score:.4f}", percent_of(score, base_score),
-            f"{export['gmacs']:.3f}", f"{export['macs_ratio']:.3f}",
-            speedup(latency, "torch_batch1", "torch_batch1"), speedup(latency, "torch_batch32", "torch_batch32"),
-            speedup(latency, "openvino_batch1", "torch_batch1"), speedup(latency, "openvino_int8_batch1", "torch_batch1"),
+            label, f"{export['metrics']['score']:.4f}", percent_of(export["metrics"]["score"], base_score),
+            f"{export['gmacs']:.2f} ({export['macs_ratio']:.0%})",
+            *(f"{base_latency[reference] / latency[key]:.2f}×" if key in latency else "-" for _, key, reference in speedups),
         )
     console.print(table)
