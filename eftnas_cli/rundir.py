@@ -161,14 +161,18 @@ class RunDir:
             return str(path)
 
     @contextlib.contextmanager
-    def stage(self, stage: str) -> Iterator[StageOutput]:
-        """Run a stage into a temp folder; on success move it into place and record it."""
+    def stage(self, stage: str, started: float | None = None) -> Iterator[StageOutput]:
+        """Run a stage into a temp folder; on success move it into place and record it.
+
+        `started` (a time.perf_counter() value) dates the stage's work when it began before its
+        files are written (a search, say); the manifest's wall time counts from there.
+        """
         self.check_same_recipe()
         created_run_dir = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=f".{STAGE_SECTIONS[stage]}.tmp-"))
         output = StageOutput(dir=tmp)
-        started = time.perf_counter()
+        started = time.perf_counter() if started is None else started
         try:
             yield output
         except BaseException:

@@ -78,3 +78,12 @@ def test_a_run_directory_of_another_task_is_refused(write_recipe):
     finish(RunDir(load_recipe(path)), "finetune")
     with pytest.raises(UpstreamError, match="was made for model"):
         RunDir(load_recipe(path, ["task.name=sst2"])).check_same_recipe()
+
+
+def test_wall_time_counts_from_when_the_work_started(write_recipe):
+    import time
+
+    run = RunDir(load_recipe(write_recipe()))
+    with run.stage("search", started=time.perf_counter() - 5):
+        pass
+    assert run.record("search")["wall_time_s"] >= 5

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 from eftnas_cli import elastic
@@ -113,6 +114,7 @@ def _earlier_exports(folder: Path, replaced: set[str]) -> dict[str, dict]:
 
 def export(recipe: Recipe, budgets=None, trial: int | None = None, subnet_file: Path | None = None) -> dict:
     """Exports the chosen subnets under `export/<label>/`; prints the summary table."""
+    started = time.perf_counter()
     run = RunDir(recipe)
     section = recipe.export
     supernet_dir = supernet_folder(run, by="export")
@@ -140,7 +142,7 @@ def export(recipe: Recipe, budgets=None, trial: int | None = None, subnet_file: 
     previous = run.stage_dir("export")
     kept = _earlier_exports(previous, {label for label, _, _ in chosen})
 
-    with run.stage("export") as out:
+    with run.stage("export", started) as out:
         for path in [*model_files(supernet_dir), *model_files(teacher_dir)]:
             out.add_input(path)
         # Exports of earlier calls stay beside the new ones (a new label replaces its namesake).

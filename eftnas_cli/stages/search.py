@@ -12,6 +12,7 @@ import csv
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 
 import optuna
@@ -151,6 +152,7 @@ def _write_trials_csv(records: list[dict], full_macs: int, path: Path) -> None:
 
 def search(recipe: Recipe, storage: str | None = None) -> dict:
     """Runs (or continues) the NSGA-II study; writes trials.csv, pareto.json and pareto.png."""
+    started = time.perf_counter()
     run = RunDir(recipe)
     section = recipe.search
     supernet_dir = supernet_folder(run, by="search")
@@ -212,7 +214,7 @@ def search(recipe: Recipe, storage: str | None = None) -> dict:
         "front": sorted(front, key=lambda t: t["macs"]),
         "best_per_budget": best_per_budget(records, section.budgets, full_macs),
     }
-    with run.stage("search") as out:
+    with run.stage("search", started) as out:
         for path in [*model_files(supernet_dir), space_file, *model_files(teacher_dir)]:
             out.add_input(path)
         _write_trials_csv(records, full_macs, out.dir / "trials.csv")
