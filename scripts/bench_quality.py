@@ -46,6 +46,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from eftnas_cli import elastic  # noqa: E402
+from eftnas_cli.data import TASKS  # noqa: E402
 from eftnas_cli.models import load_model, load_tokenizer  # noqa: E402
 from eftnas_cli.recipe import Recipe, load_recipe  # noqa: E402
 from eftnas_cli.rundir import RunDir, sha256, write_json  # noqa: E402
@@ -511,6 +512,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"tiny random model and data in a temp folder, task {SMOKE_TASK}, budget {SMOKE_BUDGET}")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, applied last")
     args = parser.parse_args(argv)
+    # `--tasks mrpc key=value` hands the overrides to --tasks (nargs="+"): take them back.
+    args.overrides = [task for task in args.tasks if "=" in task] + args.overrides
+    args.tasks = [task for task in args.tasks if "=" not in task]
+    unknown = [task for task in args.tasks if task not in TASKS]
+    if unknown:
+        parser.error(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
     if any(not 0 < budget <= 1 for budget in args.budgets):
         parser.error("--budgets are fractions of the dense MACs in (0, 1]")
     return args
@@ -540,10 +547,12 @@ def run(args: argparse.Namespace, scratch: Path | None) -> int:
     out = args.out or DEFAULT_OUT
     json_path = out.with_name(f"{out.stem}_quality.json")
 
-    new_results = {task: bench_task(task, recipe_file, bench_overrides(task, args), args.budgets, device)
-                   for task in args.tasks}
-    report = render_report(merge_results(json_path, new_results), common.provenance(device.type))
-    common.write_report(out, report)
+    new_results = {}
+    for task in args.tasks:
+        new_results[task] = bench_task(task, recipe_file, bench_overrides(task, args), args.budgets, device)
+        # Written after every task, so a later task's failure keeps the finished ones.
+        report = render_report(merge_results(json_path, {task: new_results[task]}), common.provenance(device.type))
+        common.write_report(out, report)
     print(report)
     print(f"written: {out} and {json_path}")
     common.print_target_summary([check for result in new_results.values() for check in result["targets"]])
