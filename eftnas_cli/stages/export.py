@@ -122,7 +122,7 @@ def export(recipe: Recipe, budgets=None, trial: int | None = None, subnet_file: 
     chosen = choose_subnets(run, budgets or section.budgets, trial, subnet_file)
     tokenizer = load_tokenizer(recipe.model.name)
     data = task_data(recipe, tokenizer)
-    supernet = elastic.make_elastic(load_model(str(supernet_dir), data.spec))
+    supernet = load_model(str(supernet_dir), data.spec)  # extract slices it; no elastic forward needed
     for _, subnet, _ in chosen:
         elastic.validate_subnet(supernet.config, subnet)
     device = best_device(recipe.device)
@@ -153,7 +153,6 @@ def export(recipe: Recipe, budgets=None, trial: int | None = None, subnet_file: 
         for label, subnet, record in chosen:
             console.print(f"export {label}: {describe(subnet)}")
             folder = out.dir / label
-            elastic.activate(supernet, subnet)
             save_model(elastic.extract(supernet, subnet), tokenizer, folder)
             exported = exported_models[label] = load_model(str(folder), data.spec).to(device).eval()
             if record is not None:

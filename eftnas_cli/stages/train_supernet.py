@@ -137,8 +137,7 @@ def train_supernet(recipe: Recipe, resume: bool = False) -> dict:
             seed=recipe.seed,
         )
         trainer.train(resume_from_checkpoint=last_checkpoint if resume else None)
-        final = probes.evaluate_probes()
-        elastic.activate(model, space.largest())
+        final = probes.evaluate_probes()  # leaves the largest subnet active, the one saved
         save_model(model, tokenizer, out.dir / SUPERNET_FOLDER)
         shutil.copy(space_file, out.dir / SPACE_FILE)
         out.metrics = {
