@@ -2,17 +2,22 @@
 
 Each command parses its arguments, loads the recipe and calls one stage function. Heavy libraries
 are imported inside the commands so that `eftnas --help` answers at once. Mistakes the user can fix
-(a recipe key, a missing file, a run directory made by another recipe) print one line and exit 2;
-set EFTNAS_DEBUG=1 to see the traceback instead.
+(a recipe key, a missing file, a run directory made by another recipe: the project's own error
+types, `eftnas_cli.errors`) print one line and exit 2; anything else is a bug and exits 1; set
+EFTNAS_DEBUG=1 to see the traceback instead. Ctrl-C and SIGTERM (a scheduler's stop, `kill`) both
+interrupt: one line naming the stage and how to continue, exit code 130.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Callable, List, Optional
 
+import click
 import typer
 
 app = typer.Typer(
@@ -27,23 +32,57 @@ RECIPE = typer.Argument(..., help="recipe YAML file, e.g. configs/quickstart.yam
 OVERRIDES = typer.Argument(None, help="dotted overrides such as finetune.epochs=1 seed=3", show_default=False)
 
 
-@contextlib.contextmanager
-def _user_errors_reported():
-    """Turn mistakes the user can fix into one red line and exit code 2."""
-    from eftnas_cli.errors import USER_ERRORS
-    from eftnas_cli.ui import console
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM raises KeyboardInterrupt like Ctrl-C, so a stopped stage cleans up the same way."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         yield
-    except USER_ERRORS as error:
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _errors_reported():
+    """The project's own errors (mistakes the user can fix) become one red line and exit code 2;
+    an interruption one line naming the stage, exit code 130; anything else is a bug: a short
+    message, exit code 1, and the traceback with EFTNAS_DEBUG=1."""
+    from eftnas_cli.errors import EftnasError
+    from eftnas_cli.ui import console
+
+    with _sigterm_interrupts():
         if os.environ.get("EFTNAS_DEBUG"):
+            yield
+            return
+        try:
+            yield
+        except EftnasError as error:
+            console.print(f"[red]error:[/red] {error}", soft_wrap=True)
+            raise typer.Exit(2) from None
+        except typer.Exit:
             raise
-        console.print(f"[red]error:[/red] {error}", soft_wrap=True)
-        raise typer.Exit(2) from None
+        except KeyboardInterrupt as interrupt:
+            # A run directory's lock names the stage it was in (`Interrupted`); before that, the command.
+            command = getattr(interrupt, "command", None) or click.get_current_context().info_name
+            console.print(f"[yellow]interrupted[/yellow] during `{command}`; run the same command again to continue",
+                          soft_wrap=True)
+            raise typer.Exit(130) from None
+        except Exception as error:  # noqa: BLE001 - the last resort of the command line
+            console.print(f"[red]internal error:[/red] {type(error).__name__}: {error}", soft_wrap=True)
+            console.print("this is a bug in eftnas or a library under it; run again with EFTNAS_DEBUG=1 for the traceback",
+                          soft_wrap=True)
+            raise typer.Exit(1) from None
 
 
 def _run(stage: Callable[..., object], recipe_path: Path, overrides: Optional[List[str]], **options) -> object:
-    with _user_errors_reported():
+    with _errors_reported():
         from eftnas_cli.recipe import load_recipe
 
         recipe = load_recipe(recipe_path, overrides or [])
@@ -113,11 +152,15 @@ def export(
 
 
 @app.command("run")
-def run_all(recipe: Path = RECIPE, overrides: Optional[List[str]] = OVERRIDES) -> None:
+def run_all(
+    recipe: Path = RECIPE,
+    overrides: Optional[List[str]] = OVERRIDES,
+    until: Optional[str] = typer.Option(None, help="stop after this stage (e.g. search)"),
+) -> None:
     """Every stage in order; stages already complete with the same inputs are skipped."""
     from eftnas_cli.stages.pipeline import run_pipeline as stage
 
-    _run(stage, recipe, overrides)
+    _run(stage, recipe, overrides, until=until)
 
 
 @app.command()
@@ -129,7 +172,7 @@ def profile(
     """Parameters and MACs of a model (or a subnet of it) per sequence."""
     from eftnas_cli.profile import profile as profile_model
 
-    with _user_errors_reported():
+    with _errors_reported():
         profile_model(model, seq_len=seq_len, subnet_file=subnet)
 
 if __name__ == "__main__":

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.table import Table
-from transformers import AutoConfig, BertConfig
+from transformers import BertConfig
 
 from eftnas_cli import elastic
-from eftnas_cli.models import resolve_model
+from eftnas_cli.errors import UserError
+from eftnas_cli.models import load_config as load_model_config
 from eftnas_cli.ui import console
 
 # Architectures countable without downloading weights (a count needs only the config).
@@ -18,7 +19,7 @@ CONFIG_ALIASES = {"bert-base": BertConfig}
 def load_config(name: str):
     if name in CONFIG_ALIASES:
         return CONFIG_ALIASES[name]()
-    return AutoConfig.from_pretrained(resolve_model(name))
+    return load_model_config(name)
 
 
 def profile(name: str, seq_len: int = 128, subnet_file: Path | None = None) -> tuple[elastic.MacsReport, elastic.ParamsReport]:
@@ -26,6 +27,8 @@ def profile(name: str, seq_len: int = 128, subnet_file: Path | None = None) -> t
 
     An export's config keeps its parent's full dimensions, so subnets are always read against those.
     """
+    if seq_len < 1:
+        raise UserError(f"--seq-len {seq_len}: a sequence length is a positive number of tokens")
     config = load_config(name)
     exported = getattr(config, "eftnas_subnet", None)
     subnet = elastic.Subnet.from_json(subnet_file) if subnet_file else None

@@ -1,25 +1,54 @@
 """Recipes: one YAML file per run, validated by a typed schema, with dotted command-line overrides.
 
-Every stage reads its own section; `Recipe` is the whole file. Unknown keys, wrong types and
-out-of-range values become a `RecipeError` with one line naming the file and the key.
+Every stage reads its own section; `Recipe` is the whole file. Unknown keys, wrong types (a boolean
+where a number belongs included), non-finite numbers and out-of-range values become a `RecipeError`
+with one line naming the file and the key. Loading is bounded: a recipe is at most
+`MAX_RECIPE_BYTES`, YAML anchors and aliases are refused (an alias bomb expands a small file into
+gigabytes), and an error quotes at most a short excerpt of the offending value.
 """
 
 from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from eftnas_cli.errors import RecipeError
+
+__all__ = ["Recipe", "RecipeError", "dump_recipe", "load_recipe"]
 
 
-class RecipeError(ValueError):
-    """A recipe the user must fix; the message is one readable line."""
+# Real recipes are a few kB; the cap keeps a wrong file (a dataset, a binary) from being parsed.
+MAX_RECIPE_BYTES = 1_000_000
+# Longest excerpt of an offending value an error message quotes.
+MAX_EXCERPT_CHARS = 80
+
+
+def _excerpt(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= MAX_EXCERPT_CHARS else text[: MAX_EXCERPT_CHARS - 3] + "..."
+
+
+def _expects_number(annotation: Any) -> bool:
+    """An int or float field, also inside `| None` or `list[...]` (bool is not int here)."""
+    return annotation in (int, float) or any(_expects_number(arg) for arg in get_args(annotation))
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Non-finite floats are refused: `epochs: .inf` would train forever, NaN compares false to every bound.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic takes True for 1: `epochs: true` would silently train one epoch.
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, bool) for v in values) and _expects_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError("a number is expected, not a boolean")
+        return value
 
 
 class ModelSection(Section):
@@ -33,6 +62,10 @@ class TaskSection(Section):
     max_seq_length: int = Field(128, ge=8, le=4096)
     max_train_samples: int | None = Field(None, ge=1)
     max_eval_samples: int | None = Field(None, ge=1)
+    # In `task`, not `search`: every stage's training data depends on it.
+    search_fraction: float = Field(0.1, ge=0, lt=1, description=(
+        "share of the train split held out as search rows: no stage trains on them, search scores "
+        "subnets on them, the validation split is read once per final model; 0 = search on validation"))
 
 
 class TrainingSection(Section):
@@ -46,6 +79,7 @@ class TrainingSection(Section):
     weight_decay: float = Field(0.0, ge=0)
     warmup: float = Field(0.1, ge=0, lt=1, description="fraction of the steps spent warming the lr up")
     max_steps: int | None = Field(None, ge=1, description="caps the steps (tests, smoke runs)")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="learning-rate decay")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
 
 
@@ -54,21 +88,49 @@ class FinetuneSection(TrainingSection):
 
 
 class ImportanceSection(TrainingSection):
+    """How the `importance` stage ranks attention heads and FFN neurons (eftnas_cli/ranking.py).
+
+    `method: taylor` (the default) reads the fine-tuned teacher's first-order Taylor importance of
+    every unit over `taylor_rows` training rows, no training: a minute on CPU. `method: movement` is
+    the EFTNAS paper's movement pruning (the training keys below), fine-tuning from `start_from`.
+    The default is taylor because it ranks better where it counts, the teacher pruned to a MACs
+    budget without retraining (scripts/bench_ranking.py, docs/benchmarks_ranking.md, measured on
+    held-out training rows): PLACEHOLDER.
+    """
+
+    method: Literal["movement", "taylor"] = "taylor"
+    start_from: Literal["teacher", "pretrained"] | None = Field(
+        None, description="weights the method starts from; null: its own (taylor: teacher, movement: pretrained)")
+    seq_len: int = Field(128, ge=1, description="sequence length of the MACs that weigh a head against a neuron")
+    taylor_rows: int = Field(1024, ge=1, description="training rows the taylor method reads")
+    # Movement (NNCF's movement sparsity, per head and neuron). Scores start at the final
+    # threshold's logit, so a unit is masked as soon as its net drift, task gradient against the
+    # MACs-weighted L1 pull, turns negative: the final threshold is reached in any run length.
     epochs: float = 6.0
-    # Movement scores learn from how weights move while fine-tuning; at a converged teacher the
-    # first-order signal is mostly noise (measured: worse than random ranks on MRPC).
-    start_from: Literal["teacher", "pretrained"] = "pretrained"
-    regularization: float = Field(0.02, ge=0, description="L1 factor on sigmoid(scores)")
+    regularization: float = Field(0.1, ge=0, description="L1 factor on the MACs-weighted mean of sigmoid(scores)")
     warmup_start_epoch: float = Field(1.0, ge=0, description="threshold warm-up starts here")
     warmup_end_epoch: float = Field(3.0, ge=0, description="threshold reaches final_threshold here")
-    final_threshold: float = Field(0.1, gt=0, lt=1, description="sigmoid(score) below it masks the unit")
+    stop_at_warmup_end: bool = Field(True, description="end training when the warm-up ends, as NNCF does")
+    final_threshold: float = Field(0.5, gt=0, lt=1, description="sigmoid(score) at or below it masks the unit")
     score_learning_rate: float = Field(1e-2, gt=0)
-    init_score: float = Field(3.0, description="initial score; sigmoid(3) = 0.95 keeps all units")
+    init_score: float = Field(0.0, description="initial score: sigmoid(0) = 0.5")
+
+    @property
+    def source(self) -> Literal["teacher", "pretrained"]:
+        """The weights the method starts from."""
+        if self.start_from is not None:
+            return self.start_from
+        return "teacher" if self.method == "taylor" else "pretrained"
 
     @model_validator(mode="after")
-    def _warmup_order(self) -> "ImportanceSection":
+    def _consistent(self) -> "ImportanceSection":
         if self.warmup_end_epoch < self.warmup_start_epoch:
             raise ValueError("warmup_end_epoch must not be before warmup_start_epoch")
+        if self.method == "taylor" and self.start_from == "pretrained":
+            raise ValueError("taylor ranks the fine-tuned teacher's units: leave start_from unset or set it to teacher")
+        if self.method == "movement" and self.warmup_end_epoch > self.epochs:
+            raise ValueError(f"warmup_end_epoch ({self.warmup_end_epoch:g}) is after the last epoch ({self.epochs:g}): "
+                             "the threshold would never reach final_threshold")
         return self
 
 
@@ -88,25 +150,42 @@ class SupernetSection(TrainingSection):
     num_random_subnets: int = Field(1, ge=0, description="random subnets per step between largest and smallest")
     distillation_weight: float = Field(0.9, ge=0, le=1, description="KD share of the loss; rest is hard labels")
     temperature: float = Field(2.0, gt=0)
-    save_steps: int = Field(500, ge=1)
+    hidden_distillation_weight: float = Field(0.0, ge=0, description=(
+        "weight of the MSE between the subnet's and the teacher's hidden states after each layer"))
+    checkpoint_minutes: float = Field(3.0, gt=0, description=(
+        "checkpoint after this much training time; a killed run continues from its last checkpoint"))
+    save_steps: int | None = Field(None, ge=1, description="also checkpoint every N steps (tests, smoke runs)")
+
+
+def _fractions_of_the_full_macs(budgets: list[float]) -> list[float]:
+    bad = [b for b in budgets if not 0 < b <= 1]
+    if bad:
+        raise ValueError(f"budgets are fractions of the full MACs in (0, 1], got {_excerpt(bad)}")
+    return budgets
 
 
 class SearchSection(Section):
     population: int = Field(20, ge=2)
-    trials: int = Field(200, ge=1)
+    # Validated when left at its default too: a larger population alone must be refused as well.
+    trials: int = Field(200, ge=1, validate_default=True)
     budgets: list[float] = Field(default_factory=lambda: [0.5, 0.35], description="MACs fractions of the full model")
-    max_eval_samples: int | None = Field(None, ge=1, description="validation rows per trial; null = all")
+    max_eval_samples: int | None = Field(None, ge=1, description="search rows per trial (task.search_fraction); null = all")
     latency: bool = Field(False, description="measure latency on this machine as a third objective")
     latency_batch_size: int = Field(1, ge=1)
     latency_seq_len: int = Field(128, ge=1)
     eval_batch_size: int = Field(64, ge=1)
 
-    @model_validator(mode="after")
-    def _budgets_in_range(self) -> "SearchSection":
-        bad = [b for b in self.budgets if not 0 < b <= 1]
-        if bad:
-            raise ValueError(f"budgets are fractions of the full MACs in (0, 1], got {bad}")
-        return self
+    _budgets_in_range = field_validator("budgets")(_fractions_of_the_full_macs)
+
+    @field_validator("trials")
+    @classmethod
+    def _at_least_one_population(cls, trials: int, info: ValidationInfo) -> int:
+        # NSGA-II samples a whole first population before it breeds: fewer trials never search.
+        population = info.data.get("population")
+        if population is not None and trials < population:
+            raise ValueError(f"{trials} trials is fewer than search.population ({population}); NSGA-II needs at least one "
+                             "generation: raise trials or lower population")
+        return trials
 
 
 class ExportSection(Section):
@@ -119,6 +198,11 @@ class ExportSection(Section):
     latency_runs: int = Field(20, ge=1)
     latency_batch_sizes: list[int] = Field(default_factory=lambda: [1, 32])
     latency_seq_len: int = Field(128, ge=1)
+    finetune_epochs: float = Field(0.0, ge=0, description=(
+        "polish: fine-tune each extracted subnet this many epochs with KD from the teacher (the "
+        "supernet section's settings), starting from the super-network's weights; 0 = none"))
+
+    _budgets_in_range = field_validator("budgets")(_fractions_of_the_full_macs)
 
 
 class Recipe(Section):
@@ -135,17 +219,64 @@ class Recipe(Section):
     search: SearchSection = SearchSection()
     export: ExportSection = ExportSection()
 
+    @field_validator("name")
+    @classmethod
+    def _not_a_parent_folder(cls, name: str) -> str:
+        # The run directory is output_dir/name: '..' would write into output_dir's parent.
+        if name in {".", ".."}:
+            raise ValueError("'.' and '..' are not run names")
+        return name
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
 
 
+class _AnchorError(yaml.MarkedYAMLError):
+    """A YAML anchor or alias, which recipes do not accept."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader without anchors and aliases: a few lines of `&a [*b, *b, ...]` expand to gigabytes."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise _AnchorError(problem="anchor or alias", problem_mark=event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def _parse_value(text: str) -> Any:
     """Override values are YAML scalars/lists: `3`, `1e-4`, `null`, `[0.5,0.3]`, `bert-base-uncased`."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_BoundedLoader)
     except yaml.YAMLError:
         return text
+
+
+def _read_yaml(path: Path, source: str) -> Any:
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_RECIPE_BYTES + 1)
+    except OSError as error:
+        raise RecipeError(f"{source}: cannot read the recipe ({error.strerror})") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{source}: larger than {MAX_RECIPE_BYTES // 1_000_000} MB, not a recipe")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RecipeError(f"{source}: not a text file (byte {error.start} is not UTF-8)") from None
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)
+    except _AnchorError as error:
+        raise RecipeError(
+            f"{source}: YAML anchors and aliases (&name, *name) are not accepted (line {error.problem_mark.line + 1}); "
+            "write the values out"
+        ) from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise RecipeError(f"{source}: not valid YAML{where}") from None
 
 
 def _apply_override(data: dict, dotted: str, value: Any, source: str) -> None:
@@ -171,12 +302,37 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 def _describe(error: dict, source: str) -> str:
     key = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    if len(key) > MAX_EXCERPT_CHARS:
+        key = key[: MAX_EXCERPT_CHARS - 3] + "..."
     if error["type"] == "extra_forbidden":
         close = difflib.get_close_matches(key, _known_keys(Recipe), n=1, cutoff=0.6)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         return f"{source}: unknown key '{key}'{hint}"
     message = error["msg"].removeprefix("Value error, ")
-    return f"{source}: {key}: {message} (got {error.get('input')!r})"
+    return f"{source}: {key}: {message} (got {_excerpt(error.get('input'))})"
+
+
+def _check_sequence_lengths(recipe: Recipe, source: str) -> None:
+    """Lengths the model runs at must fit its position embeddings: refused now, not mid-run.
+
+    Only when the model's config is on disk (a packaged alias or a folder), so that loading a
+    recipe never touches the network; a hub id is not checked here.
+    """
+    # Imported here so that importing recipe.py stays light: the model loader pulls in torch, which
+    # whoever loads a recipe to run a stage imports anyway.
+    from eftnas_cli.models import local_max_positions
+
+    found = local_max_positions(recipe.model.name)
+    if found is None:
+        return
+    limit, config_file = found
+    lengths = {"task.max_seq_length": recipe.task.max_seq_length, "export.latency_seq_len": recipe.export.latency_seq_len}
+    if recipe.search.latency:
+        lengths["search.latency_seq_len"] = recipe.search.latency_seq_len
+    for key, length in lengths.items():
+        if length > limit:
+            raise RecipeError(f"{source}: {key}: {length} is more than the {limit} positions of model "
+                              f"'{recipe.model.name}' ({config_file}); use at most {limit}")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -185,23 +341,20 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     source = str(path)
     if not path.is_file():
         raise RecipeError(f"{source}: recipe file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise RecipeError(f"{source}: not valid YAML{where}") from None
+    data = _read_yaml(path, source) or {}
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a mapping of sections, got {type(data).__name__}")
     for override in overrides:
         if "=" not in override:
-            raise RecipeError(f"override '{override}' is not key=value (e.g. finetune.epochs=1)")
+            raise RecipeError(f"override {_excerpt(override)} is not key=value (e.g. finetune.epochs=1)")
         key, value = override.split("=", 1)
         _apply_override(data, key.strip(), _parse_value(value), source)
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as error:
         raise RecipeError(_describe(error.errors()[0], source)) from None
+    _check_sequence_lengths(recipe, source)
+    return recipe
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -3,13 +3,18 @@
 Stages pass nothing to each other but files. Each stage writes into a temporary folder that is
 renamed into place only when it finished, then appends its record to `manifest.json`: the files it
 read (path + sha256), the files it wrote, its recipe section, library versions, wall time and
-metrics. A killed stage therefore never leaves files that look complete, and a bad input never
-leaves a half-made run directory behind.
+metrics. A killed stage therefore never leaves files that look complete.
+
+One process writes a run directory at a time: every stage (and `eftnas run` around them) holds the
+exclusive lock `<run>/.lock`; another process is refused at once with the holder's PID and command.
+A failing or interrupted stage removes only its own temporary folder, never finished work; the
+temporary folders of killed stages are removed by the next command that takes the lock.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -19,8 +24,11 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
+from filelock import FileLock, Timeout
+
+from eftnas_cli.errors import Interrupted, RecipeError, UpstreamError
 from eftnas_cli.recipe import Recipe, dump_recipe
 
 # Stage name -> the recipe section it is configured by (and the folder it writes).
@@ -32,11 +40,17 @@ STAGE_SECTIONS = {
     "search": "search",
     "export": "export",
 }
-STAGES = tuple(STAGE_SECTIONS)
 
+LOCK_FILE = ".lock"
+# Who holds the lock, for the message that refuses a second writer.
+LOCK_OWNER_FILE = ".lock.owner"
+# Part of every temporary name in a run directory (stage folders, atomic writes): once the lock is
+# taken, a name with it at the top of the run directory was left by a killed writer.
+TMP_MARKER = ".tmp-"
+# A finished stage folder renamed aside while its replacement is renamed in (`.<folder><marker>...`).
+REPLACED_MARKER = ".replaced-"
 
-class UpstreamError(RuntimeError):
-    """A stage cannot start: something it reads is missing or belongs to another run."""
+__all__ = ["RunDir", "StageOutput", "UpstreamError", "sha256", "write_json"]
 
 
 def sha256(path: Path) -> str:
@@ -47,14 +61,33 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temp file + rename, so a reader never sees half a file.
+
+    mkstemp creates 0600; the file gets the mode an ordinary write would (0644 under umask 022), so
+    others of the group can read a shared run.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TMP_MARKER}")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            os.fchmod(handle.fileno(), 0o666 & ~_umask())
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: Path, data: Any) -> None:
     """Atomic JSON write (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2, default=str)
-        handle.write("\n")
-    os.replace(tmp, path)
+    _write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def library_versions() -> dict[str, str]:
@@ -63,6 +96,22 @@ def library_versions() -> dict[str, str]:
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[package] = metadata.version(package)
     return versions
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _remove_empty_folders(folders: list[Path]) -> None:
+    """rmdir `folders` (deepest first) up to the first that is not empty: nothing written is removed."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _files_under(folder: Path) -> list[Path]:
@@ -93,7 +142,15 @@ class RunDir:
     def manifest(self) -> dict[str, Any]:
         if not self.manifest_path.is_file():
             return {"stages": {}}
-        return json.loads(self.manifest_path.read_text())
+        advice = "restore it, or remove it to redo every stage"
+        try:
+            manifest = json.loads(self.manifest_path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            where = f" (line {error.lineno})" if isinstance(error, json.JSONDecodeError) else ""
+            raise UpstreamError(f"{self.manifest_path}: not valid JSON{where}; {advice}") from None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict):
+            raise UpstreamError(f"{self.manifest_path}: no \"stages\" mapping, not an eftnas manifest; {advice}")
+        return manifest
 
     def record(self, stage: str) -> dict[str, Any] | None:
         return self.manifest()["stages"].get(stage)
@@ -152,6 +209,94 @@ class RunDir:
             "task": self.recipe.task.model_dump(mode="json"),
         }
 
+    # ---- the writer lock ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, command: str) -> Iterator[None]:
+        """Hold the run directory's writer lock while `command` (a stage, `run`...) writes to it.
+
+        Re-entrant within a process: `eftnas run` holds it while each stage takes it again. Another
+        process is refused at once. The lock is a flock, which dies with its process: a killed
+        holder never blocks. The outermost holder creates the run directory and removes what
+        killed writers left; on release it removes the lock files, and the folders it created if
+        they are empty (the command wrote nothing). An interruption comes out as `Interrupted`,
+        naming the innermost command that was running.
+        """
+        created = self._create()
+        lock = FileLock(self.path.resolve() / LOCK_FILE, timeout=0, thread_local=False, is_singleton=True,
+                        fallback_to_soft=False)
+        outermost = not lock.is_locked
+        try:
+            lock.acquire()
+        except Timeout:
+            raise UpstreamError(
+                f"run directory {self.path} is in use by {self._holder()}: wait for it to finish or stop it, "
+                "or pick another `name=`"
+            ) from None
+        try:
+            if outermost:
+                self._remove_leftovers()
+                write_json(self.path / LOCK_OWNER_FILE, {"pid": os.getpid(), "command": command,
+                                                          "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+            yield
+        except KeyboardInterrupt as interrupt:
+            if isinstance(interrupt, Interrupted):
+                raise
+            raise Interrupted(command) from interrupt
+        finally:
+            try:
+                if outermost:
+                    # Unlinked while still held: a process that opened the lock file meanwhile gets
+                    # its flock on an unlinked file, which filelock does not count as holding it.
+                    (self.path / LOCK_OWNER_FILE).unlink(missing_ok=True)
+                    (self.path / LOCK_FILE).unlink(missing_ok=True)
+                    _remove_empty_folders(created)
+            finally:
+                lock.release()
+
+    def _create(self) -> list[Path]:
+        """Make the run directory; returns the folders this made (deepest first).
+
+        A path that cannot hold it (a file, read-only, /proc) is the recipe's `output_dir` to fix.
+        """
+        try:
+            missing = []
+            for folder in (self.path, *self.path.parents):
+                if folder.exists():
+                    break
+                missing.append(folder)
+            self.path.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.path, os.W_OK | os.X_OK):
+                raise PermissionError(f"{self.path} is not writable")
+        except OSError as error:
+            reason = error.strerror or str(error)
+            raise RecipeError(
+                f"output_dir '{self.recipe.output_dir}': cannot create or write the run directory {self.path} ({reason})"
+            ) from None
+        return missing
+
+    def _holder(self) -> str:
+        try:
+            owner = json.loads((self.path / LOCK_OWNER_FILE).read_text())
+            return f"PID {owner['pid']} running `{owner['command']}` (since {owner['since']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            # The holder has the lock but has not written (or failed to write) who it is.
+            return "another process"
+
+    def _remove_leftovers(self) -> None:
+        """Clear what killed writers left: temp files and folders; a finished stage folder renamed
+        aside goes back into place if its replacement never arrived, and is removed otherwise."""
+        for entry in sorted(self.path.iterdir()):
+            if not entry.name.startswith("."):
+                continue
+            if TMP_MARKER in entry.name:
+                _remove(entry)
+            elif REPLACED_MARKER in entry.name:
+                final = self.path / entry.name[1:].split(REPLACED_MARKER)[0]
+                if final.exists():
+                    _remove(entry)
+                else:
+                    os.replace(entry, final)
+
     # ---- writing -------------------------------------------------------------------------
     def _relative(self, path: Path) -> str:
         path = Path(path).resolve()
@@ -164,37 +309,66 @@ class RunDir:
     def stage(self, stage: str, started: float | None = None) -> Iterator[StageOutput]:
         """Run a stage into a temp folder; on success move it into place and record it.
 
-        `started` (a time.perf_counter() value) dates the stage's work when it began before its
-        files are written (a search, say); the manifest's wall time counts from there.
+        Holds the lock (re-entrantly) throughout, so nothing writes a run directory unlocked. On
+        failure or interruption only the temp folder is removed. `started` (a time.perf_counter()
+        value) dates the stage's work when it began before its files are written (a search, say);
+        the manifest's wall time counts from there.
         """
-        self.check_same_recipe()
-        created_run_dir = not self.path.exists()
-        self.path.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=f".{STAGE_SECTIONS[stage]}.tmp-"))
-        output = StageOutput(dir=tmp)
-        started = time.perf_counter() if started is None else started
-        try:
-            yield output
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if created_run_dir:
-                shutil.rmtree(self.path, ignore_errors=True)
-            raise
-        final = self.stage_dir(stage)
+        with self.lock(stage):
+            self.check_same_recipe()
+            section = STAGE_SECTIONS[stage]
+            tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=f".{section}{TMP_MARKER}"))
+            # mkdtemp creates 0700: give the folder an ordinary mode (0755 under umask 022).
+            tmp.chmod(0o777 & ~_umask())
+            output = StageOutput(dir=tmp)
+            started = time.perf_counter() if started is None else started
+            try:
+                yield output
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            final = self.stage_dir(stage)
+            self._move_into_place(tmp, final)
+            manifest = self.manifest()
+            manifest["identity"] = self._identity()
+            manifest["stages"][stage] = {
+                "recipe": getattr(self.recipe, section).model_dump(mode="json"),
+                "shared": self._shared_settings(),
+                "inputs": {self._relative(p): sha256(p) for p in sorted(set(output.inputs))},
+                "outputs": {self._relative(p): sha256(p) for p in _files_under(final)},
+                "versions": library_versions(),
+                "wall_time_s": round(time.perf_counter() - started, 2),
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "metrics": output.metrics,
+            }
+            _write_text_atomic(self.path / "recipe.yaml", dump_recipe(self.recipe))
+            write_json(self.manifest_path, manifest)
+
+    def _move_into_place(self, tmp: Path, final: Path) -> None:
+        """Replace `final` by `tmp` with two renames.
+
+        The previous output is renamed aside before it is deleted: a kill at any point leaves the
+        old or the new folder in place, or the old one aside, which the next lock holder puts back.
+        """
         if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        manifest = self.manifest()
-        manifest["identity"] = self._identity()
-        manifest["stages"][stage] = {
-            "recipe": getattr(self.recipe, STAGE_SECTIONS[stage]).model_dump(mode="json"),
-            "shared": self._shared_settings(),
-            "inputs": {self._relative(p): sha256(p) for p in sorted(set(output.inputs))},
-            "outputs": {self._relative(p): sha256(p) for p in _files_under(final)},
-            "versions": library_versions(),
-            "wall_time_s": round(time.perf_counter() - started, 2),
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "metrics": output.metrics,
-        }
-        (self.path / "recipe.yaml").write_text(dump_recipe(self.recipe))
-        write_json(self.manifest_path, manifest)
+            aside = final.with_name(f".{final.name}{REPLACED_MARKER}{os.urandom(4).hex()}")
+            os.replace(final, aside)
+            os.replace(tmp, final)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+
+
+def holds_lock(command: str) -> Callable:
+    """Decorates a stage function `stage(recipe, ...)`: all of its work, from the first read to the
+    manifest record, runs under the run directory's writer lock (`RunDir.lock`)."""
+
+    def decorate(stage: Callable) -> Callable:
+        @functools.wraps(stage)
+        def locked(recipe: Recipe, *args, **kwargs):
+            with RunDir(recipe).lock(command):
+                return stage(recipe, *args, **kwargs)
+
+        return locked
+
+    return decorate

@@ -137,7 +137,7 @@ def test_export_by_trial_number(finished_run):
 
 def test_search_with_latency_as_third_objective(finished_run):
     path, run_dir, _ = finished_run
-    invoke("search", path, "search.latency=true", "search.trials=3", "search.latency_seq_len=8")
+    invoke("search", path, "search.latency=true", "search.trials=3", "search.population=3", "search.latency_seq_len=8")
     trials = json.loads((run_dir / "search" / "trials.json").read_text())
     assert len(trials) == 3 and all(t["latency_ms"] > 0 for t in trials)
     header = (run_dir / "search" / "trials.csv").read_text().splitlines()[0].split(",")

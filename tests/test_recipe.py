@@ -5,6 +5,7 @@ from typer.testing import CliRunner
 
 from eftnas_cli.cli import app
 from eftnas_cli.recipe import RecipeError, load_recipe
+from eftnas_cli.testing import make_tiny_model
 
 CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs").rglob("*.yaml"))
 
@@ -67,3 +68,20 @@ def test_invalid_yaml(tmp_path):
     path.write_text("finetune: [unclosed\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(path)
+
+
+def test_sequence_lengths_are_checked_against_a_packaged_model_at_load():
+    quickstart = next(path for path in CONFIGS if path.name == "quickstart.yaml")  # model: minilm-l6
+    with pytest.raises(RecipeError, match=r"task.max_seq_length: 1024 is more than the 512 positions of model 'minilm-l6'"):
+        load_recipe(quickstart, ["task.max_seq_length=1024"])
+    with pytest.raises(RecipeError, match=r"search.latency_seq_len: 600 is more than the 512"):
+        load_recipe(quickstart, ["search.latency=true", "search.latency_seq_len=600"])
+    # A hub id is not looked up: loading a recipe never touches the network.
+    assert load_recipe(quickstart, ["model.name=bert-base-uncased", "task.max_seq_length=4096"])
+
+
+def test_roberta_positions_leave_out_the_padding_offset(write_recipe, tmp_path):
+    roberta = make_tiny_model(tmp_path / "tiny-roberta", "roberta")  # 64 positions, pad_token_id 1
+    assert load_recipe(write_recipe(), [f"model.name={roberta}", "task.max_seq_length=62"])
+    with pytest.raises(RecipeError, match="63 is more than the 62 positions"):
+        load_recipe(write_recipe(), [f"model.name={roberta}", "task.max_seq_length=63"])

@@ -1,7 +1,11 @@
 import json
+import os
+import shutil
+import stat
 
 import pytest
 
+from eftnas_cli.errors import Interrupted
 from eftnas_cli.recipe import load_recipe
 from eftnas_cli.rundir import RunDir, UpstreamError
 
@@ -87,3 +91,75 @@ def test_wall_time_counts_from_when_the_work_started(write_recipe):
     with run.stage("search", started=time.perf_counter() - 5):
         pass
     assert run.record("search")["wall_time_s"] >= 5
+
+
+def test_the_lock_is_reentrant_within_a_process_and_gone_at_rest(write_recipe):
+    path = write_recipe()
+    run = RunDir(load_recipe(path))
+    with run.lock("run"):
+        owner = json.loads((run.path / ".lock.owner").read_text())
+        assert owner["pid"] == os.getpid() and owner["command"] == "run"
+        # Each stage takes the lock again, through another RunDir of the same recipe.
+        finish(RunDir(load_recipe(path)), "finetune")
+        assert json.loads((run.path / ".lock.owner").read_text())["command"] == "run"
+    assert run.record("finetune") is not None
+    assert [p.name for p in run.path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_an_interrupted_stage_names_itself_and_keeps_finished_stages(write_recipe):
+    run = RunDir(load_recipe(write_recipe()))
+    finish(run, "finetune", "teacher")
+    manifest = run.manifest_path.read_bytes()
+    with pytest.raises(Interrupted) as interrupted:
+        with run.lock("run"):
+            with run.stage("importance") as out:
+                (out.dir / "scores.bin").write_text("half")
+                raise KeyboardInterrupt
+    assert interrupted.value.command == "importance"
+    assert (run.stage_dir("finetune") / "model.bin").read_text() == "teacher"
+    assert run.manifest_path.read_bytes() == manifest
+    assert sorted(p.name for p in run.path.iterdir()) == ["finetune", "manifest.json", "recipe.yaml"]
+
+
+def test_leftovers_of_killed_stages_are_cleared_at_the_next_start(write_recipe):
+    run = RunDir(load_recipe(write_recipe()))
+    finish(run, "finetune", "teacher")
+    killed_stage = run.path / ".importance.tmp-k1ll3d"
+    (killed_stage / "sub").mkdir(parents=True)
+    (killed_stage / "sub" / "scores.bin").write_text("half")
+    (run.path / ".manifest.json.tmp-k1ll3d").write_text("{")
+    # Killed between the two renames that replace a finished stage: the old folder goes back.
+    os.replace(run.stage_dir("finetune"), run.path / ".finetune.replaced-k1ll3d")
+    finish(run, "gen-space")
+    assert sorted(p.name for p in run.path.iterdir()) == ["finetune", "manifest.json", "recipe.yaml", "space"]
+    assert run.require("finetune", by="test") == run.stage_dir("finetune")
+
+
+def test_a_replaced_stage_folder_aside_is_dropped_when_the_new_one_arrived(write_recipe):
+    run = RunDir(load_recipe(write_recipe()))
+    finish(run, "finetune", "first")
+    shutil.copytree(run.stage_dir("finetune"), run.path / ".finetune.replaced-0ld")
+    finish(run, "finetune", "second")
+    assert (run.stage_dir("finetune") / "model.bin").read_text() == "second"
+    assert not list(run.path.glob(".finetune.replaced-*"))
+
+
+@pytest.mark.parametrize("umask,folder_mode,file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+def test_run_directories_get_ordinary_permissions(write_recipe, umask, folder_mode, file_mode):
+    run = RunDir(load_recipe(write_recipe()))
+    previous = os.umask(umask)
+    try:
+        finish(run, "finetune")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(run.stage_dir("finetune").stat().st_mode) == folder_mode
+    for name in ("manifest.json", "recipe.yaml", "finetune/model.bin"):
+        assert stat.S_IMODE((run.path / name).stat().st_mode) == file_mode, name
+
+
+def test_a_corrupt_manifest_is_one_line_naming_it(write_recipe):
+    run = RunDir(load_recipe(write_recipe()))
+    finish(run, "finetune")
+    run.manifest_path.write_text("[1, 2")
+    with pytest.raises(UpstreamError, match=r"manifest.json: not valid JSON \(line 1\)"):
+        run.record("finetune")
