@@ -14,12 +14,18 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow.parquet
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
+from eftnas_cli.errors import DataError, UnknownTaskError
+
 HUB_DATASET = "nyu-mll/glue"
 TRAIN_SPLIT = "train"
+# The search rows are drawn with this seed, not the recipe's: runs of several seeds share one teacher,
+# which must not have trained on any seed's search rows.
+SEARCH_ROWS_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,7 @@ def get_task(name: str) -> TaskSpec:
     close = difflib.get_close_matches(key, TASKS, n=1)
     if close:
         message += f" (did you mean {close[0]!r}?)"
-    raise ValueError(message)
+    raise UnknownTaskError(message)
 
 
 def load_raw(task: str, data_dir: str | Path | None) -> datasets.DatasetDict:
@@ -90,12 +96,26 @@ def load_raw(task: str, data_dir: str | Path | None) -> datasets.DatasetDict:
         f"or no data_dir to download {HUB_DATASET!r} from the Hugging Face hub"
     )
     if not task_dir.is_dir():
-        raise FileNotFoundError(f"no local data for task {spec.name!r}: folder {task_dir} does not exist; {hint}")
+        raise DataError(f"no local data for task {spec.name!r}: folder {task_dir} does not exist; {hint}")
     data_files = {split: str(task_dir / f"{split}.parquet") for split in splits}
     for path in data_files.values():
         if not Path(path).is_file():
-            raise FileNotFoundError(f"no local data for task {spec.name!r}: file {path} does not exist; {hint}")
-    return datasets.load_dataset("parquet", data_files=data_files)
+            raise DataError(f"no local data for task {spec.name!r}: file {path} does not exist; {hint}")
+    raw = datasets.DatasetDict()
+    for split, path in data_files.items():
+        # One file at a time: a file whose columns differ from the others' must be named.
+        try:
+            rows = pyarrow.parquet.ParquetFile(path).metadata.num_rows
+            raw[split] = datasets.load_dataset("parquet", data_files={split: path})[split] if rows else None
+        except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as error:
+            raise DataError(f"{path}: not a readable parquet file ({type(error).__name__})") from None
+        if not rows:
+            raise DataError(f"{path}: the {split} split has no rows")
+        missing = [column for column in (*spec.text_keys, "label") if column not in raw[split].column_names]
+        if missing:
+            raise DataError(f"{path}: no column {', '.join(map(repr, missing))}; task {spec.name!r} needs "
+                            f"{', '.join(map(repr, (*spec.text_keys, 'label')))}")
+    return raw
 
 
 @dataclass
@@ -104,6 +124,23 @@ class TaskData:
     train: datasets.Dataset  # input_ids, attention_mask, (token_type_ids), labels
     eval: dict[str, datasets.Dataset]  # eval split name -> tokenized split
     collator: DataCollatorWithPadding
+    # Rows held out of the train split that no stage trains on: what search scores subnets by.
+    # None when the recipe holds none out (search then reads the main eval split).
+    search_rows: datasets.Dataset | None = None
+
+    @property
+    def search(self) -> datasets.Dataset:
+        """The rows model choices are made on: the held-out search rows, else the main eval split."""
+        return self.search_rows if self.search_rows is not None else self.main_eval
+
+    @property
+    def main_split(self) -> str:
+        """The eval split that model selection reads (MNLI: matched)."""
+        return self.spec.eval_splits[0]
+
+    @property
+    def main_eval(self) -> datasets.Dataset:
+        return self.eval[self.main_split]
 
 
 def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -154,16 +191,22 @@ def load_task_data(
     max_seq_length: int = 128,
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
+    search_fraction: float = 0.0,
     seed: int = 42,
 ) -> TaskData:
-    """Tokenized train and eval splits of a GLUE task plus a dynamic-padding collator.
+    """Tokenized train, search and eval splits of a GLUE task plus a dynamic-padding collator.
 
-    max_train_samples keeps a seeded random subset of train; max_eval_samples keeps the first rows
-    of each eval split, so that evaluation numbers are comparable between runs.
+    search_fraction holds that share of the train split out as search rows (the same rows for
+    every seed); max_train_samples keeps a seeded random subset of the rest; max_eval_samples
+    keeps the first rows of each eval split, so that evaluation numbers are comparable between runs.
     """
     spec = get_task(task)
     raw = load_raw(spec.name, data_dir)
     train = raw[TRAIN_SPLIT]
+    search_rows = None
+    if search_fraction > 0:
+        held_out = train.train_test_split(test_size=search_fraction, seed=SEARCH_ROWS_SEED)
+        train, search_rows = held_out["train"], held_out["test"]
     if max_train_samples is not None and max_train_samples < len(train):
         train = train.shuffle(seed=seed).select(range(max_train_samples))
     eval_splits = {}
@@ -179,6 +222,7 @@ def load_task_data(
         train=_tokenize(train, spec, tokenizer, max_seq_length, tokenizer_hash),
         eval={name: _tokenize(split, spec, tokenizer, max_seq_length, tokenizer_hash) for name, split in eval_splits.items()},
         collator=DataCollatorWithPadding(tokenizer),
+        search_rows=None if search_rows is None else _tokenize(search_rows, spec, tokenizer, max_seq_length, tokenizer_hash),
     )
 
 
@@ -218,3 +262,18 @@ def main_metric_value(task: str, metrics: dict[str, float]) -> float:
     if spec.main_metric not in metrics:
         raise KeyError(f"metrics for task {spec.name!r} lack {spec.main_metric!r}; got {sorted(metrics)}")
     return float(metrics[spec.main_metric])
+
+
+def recipe_task_data(recipe, tokenizer: PreTrainedTokenizerBase) -> TaskData:
+    """The task data a recipe's `task` section describes (every stage loads it this way)."""
+    task = recipe.task
+    return load_task_data(
+        task.name,
+        tokenizer,
+        data_dir=task.data_dir,
+        max_seq_length=task.max_seq_length,
+        max_train_samples=task.max_train_samples,
+        max_eval_samples=task.max_eval_samples,
+        search_fraction=task.search_fraction,
+        seed=recipe.seed,
+    )

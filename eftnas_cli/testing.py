@@ -94,12 +94,24 @@ def make_tiny_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+# One tiny architecture per family of the adapter table (eftnas_cli.elastic.ADAPTERS).
 TINY_ARCHITECTURES = {
     "bert": ("BertConfig", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}),
     "roberta": ("RobertaConfig", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
                                   "intermediate_size": 64, "type_vocab_size": 1}),
     "distilbert": ("DistilBertConfig", {"dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 64}),
 }
+
+
+def tiny_config(family: str, num_layers: int = 2, **changes):
+    """The tiny config of one family (hidden 32, 4 heads, 64 FFN neurons, 64 positions)."""
+    import transformers
+
+    from eftnas_cli.elastic import ADAPTERS
+
+    config_class, sizes = TINY_ARCHITECTURES[family]
+    settings = {"vocab_size": 100, "max_position_embeddings": 64, **sizes, ADAPTERS[family].num_layers_attr: num_layers}
+    return getattr(transformers, config_class)(**{**settings, **changes})
 
 
 def make_tiny_model(path: Path, family: str = "bert", seed: int = 0) -> Path:
@@ -109,9 +121,7 @@ def make_tiny_model(path: Path, family: str = "bert", seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     tokenizer = make_tiny_tokenizer(path)
-    config_class, sizes = TINY_ARCHITECTURES[family]
-    config = getattr(transformers, config_class)(vocab_size=len(tokenizer), max_position_embeddings=64, **sizes)
-    transformers.AutoModel.from_config(config).save_pretrained(path)
+    transformers.AutoModel.from_config(tiny_config(family, vocab_size=len(tokenizer))).save_pretrained(path)
     return path
 
 

@@ -1,8 +1,11 @@
 """What the training stages share: Trainer arguments from a recipe section, a rich progress
-callback, GLUE metrics for the Trainer, a plain evaluation loop and the distillation loss."""
+callback, GLUE metrics for the Trainer, a plain evaluation loop, the distillation loss and the
+`DistillationTrainer` (the super-network's `SandwichTrainer` and the KD baselines build on it)."""
 
 from __future__ import annotations
 
+import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -11,9 +14,12 @@ import torch
 import torch.nn.functional as F
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from eftnas_cli.data import TaskSpec, compute_metrics, main_metric_value
-from eftnas_cli.recipe import TrainingSection
+from eftnas_cli.data import TaskData, TaskSpec, compute_metrics, main_metric_value
+from eftnas_cli.recipe import SupernetSection, TrainingSection
 from eftnas_cli.ui import console, progress
+
+# A save step that never comes: a run whose final weights are the result keeps no checkpoints.
+NO_CHECKPOINTS = 10**9
 
 
 def _precision(section: TrainingSection, device: str) -> dict[str, bool]:
@@ -50,9 +56,10 @@ def training_arguments(
         gradient_accumulation_steps=section.gradient_accumulation_steps,
         weight_decay=section.weight_decay,
         warmup_steps=section.warmup,  # a float below 1 is a fraction of all steps in transformers 5
+        lr_scheduler_type=section.lr_scheduler,
         eval_strategy="epoch" if keep_best else "no",
         save_strategy="epoch" if keep_best else "steps",
-        save_steps=save_steps or 500,
+        save_steps=save_steps or NO_CHECKPOINTS,
         save_total_limit=1 if keep_best else 2,
         load_best_model_at_end=keep_best,
         metric_for_best_model=main_metric,
@@ -68,6 +75,23 @@ def training_arguments(
         remove_unused_columns=False,
         **_precision(section, device),
     )
+
+
+class CheckpointEvery(TrainerCallback):
+    """Asks the Trainer for a checkpoint after every `minutes` of training, so that a killed run
+    loses at most that much work whatever its length (a fixed step interval suits no run size)."""
+
+    def __init__(self, minutes: float):
+        self.seconds = minutes * 60
+        self.last = time.monotonic()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.monotonic() - self.last >= self.seconds:
+            control.should_save = True
+            self.last = time.monotonic()
 
 
 class QuietTrainer(Trainer):
@@ -157,3 +181,76 @@ def distillation_loss(student_logits, teacher_logits, labels, spec: TaskSpec, we
         ) * temperature**2
         hard = F.cross_entropy(student_logits, labels)
     return weight * soft + (1 - weight) * hard
+
+
+def hidden_state_loss(student_states, teacher_states, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over layers of the MSE between the student's and the teacher's hidden states after each
+    layer, over real (unpadded) tokens. Width-only subnets keep the hidden size: no projection."""
+    mask = attention_mask.unsqueeze(-1).to(student_states[-1].dtype)
+    per_element = mask.sum() * student_states[-1].shape[-1]
+    layers = list(zip(student_states[1:], teacher_states[1:]))  # [0] is the embeddings' output
+    return sum(((student - teacher) ** 2 * mask).sum() / per_element for student, teacher in layers) / len(layers)
+
+
+class DistillationTrainer(QuietTrainer):
+    """Trains a student on KD from a frozen teacher mixed with the hard labels (`distillation_loss`),
+    plus, with `hidden_weight` > 0, the MSE of the hidden states after each layer.
+
+    `distillation_weight` is KD's share of the logits loss and `temperature` softens both distributions.
+    """
+
+    # The loss is a per-batch mean, not normalized by `num_items_in_batch`: let the Trainer divide
+    # it by the gradient-accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, teacher, spec: TaskSpec, distillation_weight: float, temperature: float,
+                 hidden_weight: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
+        self.spec, self.distillation_weight, self.temperature = spec, distillation_weight, temperature
+        self.hidden_weight = hidden_weight
+
+    @torch.no_grad()
+    def teacher_outputs(self, inputs: dict):
+        return self.teacher(**inputs, output_hidden_states=self.hidden_weight > 0)
+
+    def student_loss(self, model, inputs: dict, labels: torch.Tensor, teacher_outputs):
+        """(loss, outputs) of the student on `inputs` (labels already popped)."""
+        outputs = model(**inputs, output_hidden_states=self.hidden_weight > 0)
+        loss = distillation_loss(outputs.logits, teacher_outputs.logits, labels, self.spec,
+                                 self.distillation_weight, self.temperature)
+        if self.hidden_weight > 0:
+            loss = loss + self.hidden_weight * hidden_state_loss(
+                outputs.hidden_states, teacher_outputs.hidden_states, inputs["attention_mask"])
+        return loss, outputs
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        loss, outputs = self.student_loss(model, inputs, labels, self.teacher_outputs(inputs))
+        return (loss, outputs) if return_outputs else loss
+
+
+def distill(student, teacher, data: TaskData, section: SupernetSection, *, seed: int, device: str,
+            description: str) -> tuple[torch.nn.Module, float]:
+    """`student` trained on the task's train rows with KD from `teacher` as `section` says (the
+    super-network's settings: epochs, lr, batch, KD weights); returns it in eval mode and the
+    training wall time in seconds. No checkpoints: the final weights are the result."""
+    student.requires_grad_(True)  # an extract copies the frozen flags of a frozen source
+    with tempfile.TemporaryDirectory(prefix="eftnas-distill-") as scratch:
+        trainer = DistillationTrainer(
+            model=student,
+            args=training_arguments(section, Path(scratch), seed, device=device, save_steps=NO_CHECKPOINTS),
+            train_dataset=data.train,
+            data_collator=data.collator,
+            callbacks=[RichProgress(description)],
+            teacher=teacher,
+            spec=data.spec,
+            distillation_weight=section.distillation_weight,
+            temperature=section.temperature,
+            hidden_weight=section.hidden_distillation_weight,
+        )
+        started = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - started
+    return trainer.model.eval(), wall

@@ -21,3 +21,8 @@ def progress() -> Progress:
         console=console,
         transient=False,
     )
+
+
+def percent_of(score: float, reference: float) -> str:
+    """`score` as a share of `reference` ("97.3%"), or "-" when the reference is not positive."""
+    return f"{100 * score / reference:.1f}%" if reference > 0 else "-"

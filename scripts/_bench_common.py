@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# Versions that decide the numbers of a benchmark, in the order they are shown.
 
 
 # ---- device ------------------------------------------------------------------------------------
@@ -182,7 +181,7 @@ def main_with_smoke(args, run, smoke_prefix: str) -> int:
     A user error is one red line and exit code 2."""
     import tempfile
 
-    from eftnas_cli.errors import USER_ERRORS
+    from eftnas_cli.errors import EftnasError
     from eftnas_cli.ui import console
 
     try:
@@ -190,6 +189,6 @@ def main_with_smoke(args, run, smoke_prefix: str) -> int:
             return run(args, None)
         with tempfile.TemporaryDirectory(prefix=smoke_prefix) as scratch:
             return run(args, Path(scratch))
-    except USER_ERRORS as error:
+    except EftnasError as error:
         console.print(f"[red]error:[/red] {error}", soft_wrap=True)
         return 2

@@ -24,15 +24,14 @@ import argparse
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import _bench_common as common
 import numpy as np
 import torch
 
-from eftnas_cli import elastic
-from eftnas_cli.data import get_task
+from eftnas_cli import artifacts, elastic
+from eftnas_cli.data import get_task, recipe_task_data
 from eftnas_cli.deploy import (
     calibration_batches,
     export_onnx,
@@ -41,14 +40,12 @@ from eftnas_cli.deploy import (
     quantize_int8,
     to_openvino,
 )
-from eftnas_cli.latency import dummy_features, onnx_latency, openvino_latency, torch_latency
+from eftnas_cli.latency import LatencyComparison, TimedModel, dummy_features, latency_key
 from eftnas_cli.models import load_model, load_tokenizer
 from eftnas_cli.recipe import Recipe, load_recipe
 from eftnas_cli.rundir import RunDir, sha256, write_json
-from eftnas_cli.stages.common import task_data, teacher_folder
 from eftnas_cli.stages.export import export
-from eftnas_cli.stages.gen_space import SPACE_FILE, SearchSpace
-from eftnas_cli.stages.train_supernet import supernet_folder
+from eftnas_cli.supernet import Supernet
 from eftnas_cli.ui import console
 
 DEFAULT_RUN = Path("runs/quickstart")
@@ -66,11 +63,14 @@ OPENVINO_SPEEDUP_TARGET = 7.0
 TRAIN_STEP_RATIO_TARGET = 0.5
 
 
-@dataclass(frozen=True)
-class DeployFiles:
-    onnx: Path
-    openvino: Path
-    openvino_int8: Path
+# Backend name (eftnas_cli.latency) -> how the report names it.
+BACKEND_NAMES = {
+    "torch": "torch fp32",
+    "onnxruntime": "ONNX Runtime fp32",
+    "openvino": "OpenVINO f32",
+    "openvino_default": "OpenVINO default",
+    "openvino_int8": "OpenVINO INT8",
+}
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -81,31 +81,24 @@ def load_run_recipe(run_dir: Path) -> Recipe:
 
 def exported_budgets(run: RunDir) -> set[float]:
     folder = run.stage_dir("export")
-    return {float(path.name.removeprefix("budget-")) for path in folder.glob("budget-*")
-            if (path / "model.safetensors").is_file()} if folder.is_dir() else set()
+    budgets = {artifacts.export_budget(path.name) for path in folder.iterdir()} if folder.is_dir() else set()
+    return {b for b in budgets if b is not None and (folder / artifacts.export_label(b) / "model.safetensors").is_file()}
 
 
 def ensure_exports(recipe: Recipe, budgets: list[float]) -> dict[float, Path]:
-    """Each budget's export folder; budgets the run has not exported are exported now.
-
-    `export` replaces the whole export/ folder, so the budgets exported before are exported again
-    with the missing ones rather than lost.
-    """
+    """Each budget's export folder; budgets the run has not exported are exported now (earlier
+    exports stay beside them)."""
     run = RunDir(recipe)
-    have = exported_budgets(run)
-    missing = [budget for budget in budgets if budget not in have]
+    missing = [budget for budget in budgets if budget not in exported_budgets(run)]
     if missing:
         console.rule(f"[bold]export[/bold] of budget(s) {', '.join(f'{b:g}' for b in missing)} (missing in the run)")
-        export(recipe, budgets=sorted(have | set(budgets), reverse=True))
-    return {budget: run.stage_dir("export") / f"budget-{budget:g}" for budget in budgets}
+        export(recipe, budgets=missing)
+    return {budget: run.stage_dir("export") / artifacts.export_label(budget) for budget in budgets}
 
 
 def macs_ratio(config, seq_len: int) -> float:
-    """Encoder MACs of a model over its dense parent's: 1 for a dense model; an export's config
-    holds its subnet and its parent's full dimensions."""
-    subnet = getattr(config, "eftnas_subnet", None)
-    subnet = elastic.Subnet.from_dict(subnet) if subnet else None
-    return elastic.macs(config, subnet, seq_len).encoder / elastic.macs(config, None, seq_len).encoder
+    """Encoder MACs of a model over its dense parent's: 1 for a dense model."""
+    return elastic.macs(config, elastic.exported_subnet(config), seq_len).encoder / elastic.macs(config, None, seq_len).encoder
 
 
 # ---- deploy formats --------------------------------------------------------------------------------
@@ -121,7 +114,7 @@ class Calibration:
         if self._batches is None:
             samples = self.recipe.export.calibration_samples
             try:
-                data = task_data(self.recipe, load_tokenizer(self.recipe.model.name))
+                data = recipe_task_data(self.recipe, load_tokenizer(self.recipe.model.name))
                 self._batches = calibration_batches(data.train, data.collator, self.input_names, samples)
             except FileNotFoundError as error:
                 console.print(f"INT8 calibration on dummy token ids: {error}")
@@ -130,24 +123,24 @@ class Calibration:
         return self._batches
 
 
-def deploy_files(model, folder: Path, cache_root: Path, calibration: Calibration) -> DeployFiles:
-    """ONNX, OpenVINO and INT8 files of `model`: those `eftnas export` wrote beside its weights, or
-    converted (once) into a cache folder named after the weights' hash."""
+def deploy_files(model, folder: Path, cache_root: Path, calibration: Calibration) -> dict[str, Path]:
+    """Backend → ONNX, OpenVINO and INT8 file of `model`: those `eftnas export` wrote beside its
+    weights, or converted (once) into a cache folder named after the weights' hash."""
     cache = cache_root / f"{folder.name}-{sha256(folder / 'model.safetensors')[:12]}"
 
     def existing_or_cached(relative: str) -> Path:
         return folder / relative if (folder / relative).is_file() else cache / relative
 
-    files = DeployFiles(existing_or_cached("model.onnx"), existing_or_cached("openvino/model.xml"),
-                        existing_or_cached("openvino/model_int8.xml"))
-    if not files.onnx.is_file():
+    files = {"onnxruntime": existing_or_cached("model.onnx"), "openvino": existing_or_cached("openvino/model.xml"),
+             "openvino_int8": existing_or_cached("openvino/model_int8.xml")}
+    if not files["onnxruntime"].is_file():
         console.print(f"converting {folder} to ONNX")
-        export_onnx(model, files.onnx)
-    if not files.openvino.is_file():
-        to_openvino(files.onnx, files.openvino)
-    if not files.openvino_int8.is_file():
+        export_onnx(model, files["onnxruntime"])
+    if not files["openvino"].is_file():
+        to_openvino(files["onnxruntime"], files["openvino"])
+    if not files["openvino_int8"].is_file():
         console.print(f"quantizing {folder} to INT8")
-        quantize_int8(files.openvino, calibration.batches(), files.openvino_int8)
+        quantize_int8(files["openvino"], calibration.batches(), files["openvino_int8"])
     return files
 
 
@@ -159,36 +152,6 @@ def openvino_default_precision(xml: Path) -> str:
 
 
 # ---- measurements ----------------------------------------------------------------------------------
-def torch_latencies(model, args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """Median torch latency (ms) per batch size (string keys, as they read back from the JSON)."""
-    names = model_input_names(model)
-    by_batch = {}
-    for batch_size in args.batch_sizes:
-        features = dummy_features(names, batch_size, args.seq_len, model.config.vocab_size)
-        by_batch[str(batch_size)] = torch_latency(model, features, args.runs, args.warmup, device=args.device).median_ms
-    return {f"torch fp32 ({args.device})": by_batch}
-
-
-def converted_latencies(model, files: DeployFiles, args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """Median latency (ms) of the ONNX Runtime and OpenVINO files per batch size; the same
-    features as torch_latencies."""
-    names = model_input_names(model)
-    default_precision = openvino_default_precision(files.openvino)
-    results: dict[str, dict[str, float]] = {}
-    for batch_size in args.batch_sizes:
-        features = dummy_features(names, batch_size, args.seq_len, model.config.vocab_size)
-        timed = {
-            "ONNX Runtime fp32": lambda: onnx_latency(files.onnx, features, args.runs, args.warmup),
-            "OpenVINO f32": lambda: openvino_latency(files.openvino, features, "f32", args.runs, args.warmup),
-            f"OpenVINO default ({default_precision})": lambda: openvino_latency(
-                files.openvino, features, "default", args.runs, args.warmup),
-            "OpenVINO INT8": lambda: openvino_latency(files.openvino_int8, features, "default", args.runs, args.warmup),
-        }
-        for backend, measure in timed.items():
-            results.setdefault(backend, {})[str(batch_size)] = measure().median_ms
-    return results
-
-
 def training_step_ms(model, subnet: elastic.Subnet, batch: dict[str, torch.Tensor], steps: int) -> float:
     """Median wall time of forward + backward + AdamW step of `subnet` on one fixed batch.
 
@@ -213,9 +176,8 @@ def training_step_ms(model, subnet: elastic.Subnet, batch: dict[str, torch.Tenso
 
 
 def training_steps(run: RunDir, spec, args: argparse.Namespace) -> dict:
-    folder = supernet_folder(run, by=BY)
-    space = SearchSpace.load(run.stage_dir("train-supernet") / SPACE_FILE)
-    model = elastic.make_elastic(load_model(str(folder), spec)).to(args.device)
+    supernet = Supernet.load(run, spec, by=BY).to(args.device)
+    model, space = supernet.model, supernet.space
     features = dummy_features(model_input_names(model), TRAIN_BATCH_SIZE, args.seq_len, model.config.vocab_size)
     batch = {name: torch.from_numpy(array).to(args.device) for name, array in features.items()}
     label_dtype = torch.float32 if spec.is_regression else torch.long
@@ -233,11 +195,9 @@ def training_steps(run: RunDir, spec, args: argparse.Namespace) -> dict:
 
 
 # ---- report ----------------------------------------------------------------------------------------
-def reference_latency(results: dict, batch_size: int) -> float:
+def reference_latency(results: dict, backend: str, batch_size: int) -> float:
     """Torch fp32 latency of the dense teacher: the 1.00x of every speed-up."""
-    dense = results["models"][0]
-    torch_backend = next(backend for backend in dense["latency_ms"] if backend.startswith("torch"))
-    return dense["latency_ms"][torch_backend][str(batch_size)]
+    return results["models"][0]["latency_ms"][latency_key("torch", batch_size)]
 
 
 def latency_table(results: dict) -> str:
@@ -247,13 +207,20 @@ def latency_table(results: dict) -> str:
         headers += [f"b{batch_size} ms", f"b{batch_size} speed-up"]
     rows = []
     for model in results["models"]:
-        for backend, by_batch in model["latency_ms"].items():
-            row = [model["label"], f"{model['macs_ratio']:.3f}", backend]
+        for backend, name in results["backends"].items():
+            if latency_key(backend, batch_sizes[0]) not in model["latency_ms"]:
+                continue
+            row = [model["label"], f"{model['macs_ratio']:.3f}", name]
             for batch_size in batch_sizes:
-                latency = by_batch[str(batch_size)]
-                row += [f"{latency:.2f}", f"{reference_latency(results, batch_size) / latency:.2f}x"]
+                key = latency_key(backend, batch_size)
+                latency = model["latency_ms"][key]
+                row += [f"{latency:.2f}", f"{reference_latency(results, backend, batch_size) / latency:.2f}x"]
             rows.append(row)
     return common.markdown_table(headers, rows, align="lrl" + "r" * 2 * len(batch_sizes))
+
+
+def max_spread(results: dict) -> float:
+    return max(spread for model in results["models"] for spread in model["latency_spread"].values())
 
 
 def training_table(results: dict) -> str:
@@ -268,15 +235,15 @@ def target_checks(results: dict) -> list[common.TargetCheck]:
     subnets = results["models"][1:]
     torch_targeted = [m for m in subnets if m["budget"] <= TORCH_TARGET_BUDGET]
     for batch_size in results["batch_sizes"]:
-        reference = reference_latency(results, batch_size)
+        reference = reference_latency(results, "torch", batch_size)
         for model in torch_targeted:
-            torch_backend = next(b for b in model["latency_ms"] if b.startswith("torch"))
-            speedup = reference / model["latency_ms"][torch_backend][str(batch_size)]
+            speedup = reference / model["latency_ms"][latency_key("torch", batch_size)]
             checks.append(common.TargetCheck(
                 f"{model['label']}, batch {batch_size}", f"torch >= {TORCH_SPEEDUP_TARGET:g}x faster than dense",
                 f"{speedup:.2f}x", speedup >= TORCH_SPEEDUP_TARGET))
         for model in subnets:
-            openvino = {b: v[str(batch_size)] for b, v in model["latency_ms"].items() if b.startswith("OpenVINO")}
+            openvino = {results["backends"][b]: model["latency_ms"][latency_key(b, batch_size)]
+                        for b in results["backends"] if b.startswith("openvino")}
             fastest = min(openvino, key=openvino.get)
             speedup = reference / openvino[fastest]
             checks.append(common.TargetCheck(
@@ -300,12 +267,18 @@ def render_report(results: dict) -> str:
         "",
         *common.provenance_lines(results["provenance"]),
         "",
-        f"Median latency of {results['runs']} timed inferences after {results['warmup']} warm-up ones, sequence "
-        f"length {results['seq_len']}, random token ids, no padding. Speed-up = latency of the dense teacher in "
-        "torch fp32 at the same batch size / this latency. Threads: every backend at its default.",
+        f"Median latency of at least {results['runs']} timed inferences after {results['warmup']} warm-up ones, "
+        f"sequence length {results['seq_len']}, random token ids, no padding; the models of one backend and batch "
+        "size are timed interleaved, one inference each in turn, in rounds until every median is stable (5%). "
+        f"The widest spread (p90 / median - 1) of any figure: {max_spread(results):.0%}. "
+        "Speed-up = latency of the dense teacher in torch fp32 at the same batch size / this latency. "
+        "Threads: every backend at its default.",
         "",
         latency_table(results),
         "",
+        *(["Figures that stayed inconsistent after a re-measure: " + "; ".join(
+            f"{model['label']}: {flag}" for model in results["models"] for flag in model["latency_flags"]), ""]
+          if any(model["latency_flags"] for model in results["models"]) else []),
         f"Super-network training step (forward + backward + AdamW step), batch {TRAIN_BATCH_SIZE}, sequence length "
         f"{results['seq_len']}, median of {results['train_steps']} steps after {TRAIN_WARMUP_STEPS} warm-up ones:",
         "",
@@ -352,22 +325,28 @@ def bench(args: argparse.Namespace) -> dict:
     run = RunDir(recipe)
     spec = get_task(recipe.task.name)
     # (label, folder, budget): the dense teacher first, the reference of every speed-up.
-    models = [("dense (teacher)", Path(teacher_folder(recipe, run, by=BY)), None)]
+    models = [("dense (teacher)", Path(artifacts.teacher_folder(recipe, run, by=BY)), None)]
     models += [(f"budget {budget:g}", folder, budget) for budget, folder in ensure_exports(recipe, args.budgets).items()]
 
+    loaded = {label: (folder, budget, load_model(str(folder), spec).eval()) for label, folder, budget in models}
+    timed = {label: TimedModel(model, macs_ratio(model.config, args.seq_len)) for label, (_, _, model) in loaded.items()}
+    comparison = LatencyComparison(timed, models[0][0], args.batch_sizes, args.seq_len, runs=args.runs,
+                                   warmup=args.warmup, device=args.device)
     # Torch first, for every model, before any OpenVINO work: OpenVINO's worker threads linger
     # after it runs (quantization included) and slow a torch measurement taken right after.
-    loaded = [(label, folder, budget, load_model(str(folder), spec).eval()) for label, folder, budget in models]
-    measured = []
-    for label, folder, budget, model in loaded:
-        console.print(f"torch latency of {label}: {len(args.batch_sizes)} batch size(s)")
-        measured.append({"label": label, "folder": str(folder), "budget": budget,
-                         "macs_ratio": macs_ratio(model.config, args.seq_len), "latency_ms": torch_latencies(model, args)})
-    calibration = Calibration(recipe, model_input_names(loaded[0][3]), loaded[0][3].config.vocab_size)
-    for record, (label, folder, _, model) in zip(measured, loaded):
-        files = deploy_files(model, folder, run.path / CACHE_FOLDER, calibration)
-        console.print(f"ONNX Runtime and OpenVINO latency of {label}: {len(args.batch_sizes)} batch size(s) x 4 backends")
-        record["latency_ms"].update(converted_latencies(model, files, args))
+    console.print(f"torch latency of {len(timed)} models, interleaved: {len(args.batch_sizes)} batch size(s)")
+    report = comparison.measure(["torch"])
+    teacher_model = loaded[models[0][0]][2]
+    calibration = Calibration(recipe, model_input_names(teacher_model), teacher_model.config.vocab_size)
+    for label, (folder, _, model) in loaded.items():
+        timed[label].files = deploy_files(model, folder, run.path / CACHE_FOLDER, calibration)
+    console.print(f"ONNX Runtime and OpenVINO latency: {len(args.batch_sizes)} batch size(s) x 4 backends")
+    report.merge(comparison.measure([b for b in BACKEND_NAMES if b != "torch"]))
+    default_precision = openvino_default_precision(timed[models[0][0]].files["openvino"])
+    measured = [{"label": label, "folder": str(folder), "budget": budget, "macs_ratio": timed[label].macs_ratio,
+                 "latency_ms": report.median_ms[label], "latency_spread": report.spread[label],
+                 "latency_flags": report.flags.get(label, [])}
+                for label, (folder, budget, _) in loaded.items()]
 
     results = {
         "provenance": common.provenance(args.device, {
@@ -376,6 +355,8 @@ def bench(args: argparse.Namespace) -> dict:
         }),
         "seq_len": args.seq_len, "runs": args.runs, "warmup": args.warmup, "train_steps": args.train_steps,
         "batch_sizes": args.batch_sizes,
+        "backends": {**BACKEND_NAMES, "openvino_default": f"OpenVINO default ({default_precision})",
+                     "torch": f"torch fp32 ({args.device})"},
         "models": measured,
         "training_step": training_steps(run, spec, args),
     }

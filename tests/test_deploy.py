@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForSequenceClassification, BertConfig, DistilBertConfig, RobertaConfig
+from transformers import AutoModelForSequenceClassification, RobertaConfig
 
 from eftnas_cli.deploy import (
     export_onnx,
@@ -15,16 +15,11 @@ from eftnas_cli.deploy import (
     to_openvino,
 )
 from eftnas_cli.latency import Latency, dummy_features, onnx_latency, openvino_latency, torch_latency
+from eftnas_cli.testing import tiny_config
 
 TOLERANCE = 1e-4
 VOCAB_SIZE = 100
 TINY = dict(vocab_size=VOCAB_SIZE, max_position_embeddings=64, num_labels=2)
-CONFIGS = {
-    "bert": lambda: BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, **TINY
-    ),
-    "distilbert": lambda: DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, **TINY),
-}
 # (batch, sequence) pairs other than the exporter's example shape: they prove the axes are dynamic.
 SHAPES = [(3, 11), (1, 20)]
 
@@ -49,7 +44,7 @@ class SkippedAttention(nn.Module):
 
 def tiny_model(kind: str) -> nn.Module:
     torch.manual_seed(0)
-    return AutoModelForSequenceClassification.from_config(CONFIGS[kind]()).eval()
+    return AutoModelForSequenceClassification.from_config(tiny_config(kind, num_labels=2)).eval()
 
 
 def with_skipped_parts(model: nn.Module) -> nn.Module:

@@ -1,6 +1,7 @@
 """Tests for eftnas_cli.elastic on tiny randomly initialised BERT, RoBERTa and DistilBERT."""
 
 import copy
+import functools
 import json
 
 import pytest
@@ -8,16 +9,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import (
-    AutoConfig,
-    AutoModelForSequenceClassification,
-    BertConfig,
-    DistilBertConfig,
-    GPT2Config,
-    RobertaConfig,
-)
+from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig, GPT2Config
 
 from eftnas_cli.elastic import (
+    ADAPTERS,
     BiasOnly,
     ElasticLinear,
     LayerWidth,
@@ -37,18 +32,14 @@ from eftnas_cli.elastic import (
     restructure,
     validate_subnet,
 )
+from eftnas_cli.testing import TINY_ARCHITECTURES, tiny_config
 
 TOLERANCE = 1e-5
 SEQ_LEN = 12
-COMMON = dict(vocab_size=100, max_position_embeddings=64, num_labels=3, attn_implementation="eager")
+# Every family of the adapter table, as a 3-layer tiny model (eftnas_cli.testing.TINY_ARCHITECTURES).
 CONFIGS = {
-    "bert": lambda: BertConfig(
-        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, **COMMON
-    ),
-    "roberta": lambda: RobertaConfig(
-        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, pad_token_id=1, **COMMON
-    ),
-    "distilbert": lambda: DistilBertConfig(dim=32, n_layers=3, n_heads=4, hidden_dim=64, **COMMON),
+    family: functools.partial(tiny_config, family, num_layers=3, num_labels=3, attn_implementation="eager")
+    for family in ADAPTERS
 }
 
 # (heads, neurons) per layer of the 3-layer tiny models (4 heads, 64 neurons).
@@ -347,3 +338,7 @@ def test_full_and_validate_subnet():
         validate_subnet(config, subnet_of([(4, 65), (4, 64), (4, 64)]))
     with pytest.raises(ValueError, match="model_type"):
         full_subnet(GPT2Config())
+
+
+def test_every_adapter_family_has_a_tiny_architecture():
+    assert set(TINY_ARCHITECTURES) == set(ADAPTERS)

@@ -4,9 +4,10 @@ import torch
 from transformers import BertConfig
 
 from eftnas_cli import elastic
+from eftnas_cli.elastic import SearchSpace
 from eftnas_cli.errors import UserError
 from eftnas_cli.recipe import SpaceSection
-from eftnas_cli.stages.gen_space import SearchSpace, ThresholdPruner, build_space
+from eftnas_cli.stages.gen_space import build_space, space_pruner
 
 # MiniLM-L6's shape: fine-grained enough that every target is reachable.
 CONFIG = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
@@ -61,13 +62,13 @@ def test_units_below_the_discard_fraction_skip_the_sub_block():
     heads, neurons = scores()
     neurons[5] = 0.0  # the last layer's FFN is never important
     neurons[5, :10] = 0.99  # ... but for 10 neurons, under 2% of 1536
-    pruner = ThresholdPruner(CONFIG, heads, neurons, SpaceSection(discard_fraction=0.02))
+    pruner = space_pruner(CONFIG, heads, neurons, SpaceSection(discard_fraction=0.02))
     assert pruner.subnet(0.5).layers[5].neurons == 0
 
 
 def test_neuron_multiple_rounds_widths():
     heads, neurons = scores()
-    pruner = ThresholdPruner(CONFIG, heads, neurons, SpaceSection(neuron_multiple=64))
+    pruner = space_pruner(CONFIG, heads, neurons, SpaceSection(neuron_multiple=64))
     assert all(layer.neurons % 64 == 0 for layer in pruner.subnet(0.3).layers)
 
 
@@ -88,4 +89,4 @@ def test_unreachable_target_is_an_error():
 
 def test_scores_of_the_wrong_shape_are_an_error():
     with pytest.raises(UserError, match="do not fit the model"):
-        ThresholdPruner(CONFIG, torch.rand(6, 8), torch.rand(6, 1536), SpaceSection())
+        space_pruner(CONFIG, torch.rand(6, 8), torch.rand(6, 1536), SpaceSection())

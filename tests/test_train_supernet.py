@@ -1,13 +1,19 @@
+import signal
+import subprocess
+import sys
+import time
 from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 from eftnas_cli.data import get_task
+from eftnas_cli.elastic import SearchSpace
 from eftnas_cli.errors import UserError
 from eftnas_cli.recipe import load_recipe
 from eftnas_cli.stages.finetune import finetune
-from eftnas_cli.stages.gen_space import SearchSpace, generate_space
+from eftnas_cli.stages.gen_space import generate_space
 from eftnas_cli.stages.importance import compute_importance
 from eftnas_cli.stages.train_supernet import SandwichTrainer, train_supernet
 from eftnas_cli.testing import write_tiny_recipe
@@ -67,10 +73,7 @@ def test_sandwich_is_largest_random_smallest(recipe_with_space):
     space = SearchSpace.load(recipe_with_space.run_dir / "space" / "search_space.json")
 
     # Just what step_subnets reads of the trainer.
-    trainer = SimpleNamespace(
-        seed=0, state=SimpleNamespace(global_step=5), space=space,
-        section=recipe_with_space.supernet.model_copy(update={"num_random_subnets": 2}),
-    )
+    trainer = SimpleNamespace(seed=0, state=SimpleNamespace(global_step=5), supernet=space, num_random_subnets=2)
     subnets = SandwichTrainer.step_subnets(trainer)
     assert len(subnets) == 4
     assert subnets[0] == space.largest() and subnets[-1] == space.smallest()
@@ -90,3 +93,26 @@ def test_distillation_loss():
     regression = get_task("stsb")
     loss = distillation_loss(torch.tensor([[1.0]]), torch.tensor([[3.0]]), torch.tensor([2.0]), regression, 0.5, 2.0)
     assert loss.item() == pytest.approx(0.5 * 4 + 0.5 * 1)
+
+
+def test_killed_training_continues_from_its_last_checkpoint_without_a_flag(recipe_with_space, tmp_path):
+    """kill -9 in the middle, run the same command again: it continues, losing at most one
+    checkpoint interval, and finishes the stage."""
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe_with_space.model_dump(mode="json")))
+    command = [sys.executable, "-m", "eftnas_cli.cli", "train-supernet", str(recipe_file),
+               "supernet.max_steps=60", "supernet.save_steps=5"]
+    checkpoints = recipe_with_space.run_dir / "checkpoints" / "supernet"
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (checkpoints / "checkpoint-10").is_dir() and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    assert first.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = max(int(p.name.removeprefix("checkpoint-")) for p in checkpoints.glob("checkpoint-*"))
+
+    second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"continuing from {checkpoints / f'checkpoint-{killed_at}'}" in " ".join(second.stderr.split())
+    assert (recipe_with_space.run_dir / "supernet" / "model" / "model.safetensors").is_file()
+    assert not checkpoints.exists()

@@ -7,6 +7,8 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
+from eftnas_cli.errors import UnsupportedModelError
+
 # The six linears of an encoder layer that elastic widths slice.
 LINEAR_ROLES = ("query", "key", "value", "attention_output", "ffn_input", "ffn_output")
 
@@ -100,7 +102,7 @@ class EncoderDims:
 def adapter_for(config) -> FamilyAdapter:
     model_type = getattr(config, "model_type", None)
     if model_type not in ADAPTERS:
-        raise ValueError(
+        raise UnsupportedModelError(
             f"Unsupported model_type {model_type!r}; supported families: {', '.join(sorted(ADAPTERS))}"
         )
     return ADAPTERS[model_type]
@@ -111,7 +113,7 @@ def encoder_dims(config) -> EncoderDims:
     hidden = getattr(config, adapter.hidden_attr)
     heads = getattr(config, adapter.heads_attr)
     if hidden % heads:
-        raise ValueError(f"hidden size {hidden} is not a multiple of the {heads} attention heads")
+        raise UnsupportedModelError(f"hidden size {hidden} is not a multiple of the {heads} attention heads")
     return EncoderDims(
         num_layers=getattr(config, adapter.num_layers_attr),
         hidden=hidden,

@@ -6,15 +6,17 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from eftnas_cli.errors import SubnetError
+
 from .adapters import encoder_dims
 
 
 def _check_width(name: str, value) -> None:
     # bool is an int subclass, but True heads is certainly a mistake.
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{name} must be an int, got {value!r}")
+        raise SubnetError(f"{name} must be an int, got {value!r}")
     if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
+        raise SubnetError(f"{name} must be >= 0, got {value}")
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class Subnet:
         object.__setattr__(self, "layers", tuple(self.layers))
         for index, layer in enumerate(self.layers):
             if not isinstance(layer, LayerWidth):
-                raise ValueError(f"layer {index} must be a LayerWidth, got {layer!r}")
+                raise SubnetError(f"layer {index} must be a LayerWidth, got {layer!r}")
 
     def to_dict(self) -> dict:
         return {"layers": [{"heads": w.heads, "neurons": w.neurons} for w in self.layers]}
@@ -48,19 +50,19 @@ class Subnet:
     def from_dict(cls, data: dict) -> Subnet:
         """Inverse of to_dict; ValueError names what is wrong with malformed input."""
         if not isinstance(data, dict) or set(data) != {"layers"}:
-            raise ValueError(f'a subnet must be a dict with exactly the key "layers", got {data!r}')
+            raise SubnetError(f'a subnet must be a dict with exactly the key "layers", got {data!r}')
         if not isinstance(data["layers"], list):
-            raise ValueError(f'"layers" must be a list, got {data["layers"]!r}')
+            raise SubnetError(f'"layers" must be a list, got {data["layers"]!r}')
         layers = []
         for index, entry in enumerate(data["layers"]):
             if not isinstance(entry, dict) or set(entry) != {"heads", "neurons"}:
-                raise ValueError(
+                raise SubnetError(
                     f'layer {index} must be a dict with exactly the keys "heads" and "neurons", got {entry!r}'
                 )
             try:
                 layers.append(LayerWidth(heads=entry["heads"], neurons=entry["neurons"]))
             except ValueError as error:
-                raise ValueError(f"layer {index}: {error}") from None
+                raise SubnetError(f"layer {index}: {error}") from None
         return cls(tuple(layers))
 
     def to_json(self, path: str | Path) -> None:
@@ -68,7 +70,29 @@ class Subnet:
 
     @classmethod
     def from_json(cls, path: str | Path) -> Subnet:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """The subnet in a JSON file; SubnetError names the file when it is missing or malformed."""
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (OSError, UnicodeDecodeError) as error:
+            raise SubnetError(f"{path}: cannot read the subnet file ({getattr(error, 'strerror', None) or error})") from None
+        except json.JSONDecodeError as error:
+            raise SubnetError(f"{path}: not valid JSON ({error.msg})") from None
+        except SubnetError as error:
+            raise SubnetError(f"{path}: {error}") from None
+
+    def describe(self) -> str:
+        """Compact widths: `heads/neurons` per layer."""
+        return " ".join(f"{layer.heads}/{layer.neurons}" for layer in self.layers)
+
+
+def exported_subnet(config) -> Subnet | None:
+    """The subnet an exported model's config records (`eftnas_subnet`), None for a dense model.
+
+    An export's config keeps its parent's full dimensions, so the subnet reads against those.
+    """
+    recorded = getattr(config, "eftnas_subnet", None)
+    return None if recorded is None else Subnet.from_dict(recorded)
 
 
 def full_subnet(config) -> Subnet:
@@ -81,9 +105,9 @@ def validate_subnet(config, subnet: Subnet) -> None:
     """ValueError unless `subnet` fits the encoder described by `config`."""
     dims = encoder_dims(config)
     if len(subnet.layers) != dims.num_layers:
-        raise ValueError(f"subnet has {len(subnet.layers)} layers, the model has {dims.num_layers}")
+        raise SubnetError(f"subnet has {len(subnet.layers)} layers, the model has {dims.num_layers}")
     for index, width in enumerate(subnet.layers):
         if not 0 <= width.heads <= dims.heads:
-            raise ValueError(f"layer {index}: heads={width.heads} is outside [0, {dims.heads}]")
+            raise SubnetError(f"layer {index}: heads={width.heads} is outside [0, {dims.heads}]")
         if not 0 <= width.neurons <= dims.neurons:
-            raise ValueError(f"layer {index}: neurons={width.neurons} is outside [0, {dims.neurons}]")
+            raise SubnetError(f"layer {index}: neurons={width.neurons} is outside [0, {dims.neurons}]")

@@ -4,180 +4,178 @@ Each subnet becomes a folder with sliced safetensors weights, a config holding t
 and the tokenizer (loadable in one call: `eftnas_cli.load_model(folder)`), plus `model.onnx`,
 OpenVINO IR and optionally INT8 IR (NNCF post-training quantization calibrated on train rows). The
 exported model is evaluated again; a metric further than `max_metric_drop` from the search's
-record is an error, since it would mean extraction changed the function.
+record is an error, since it would mean extraction changed the function. With
+`export.finetune_epochs`, each extracted subnet is then polished: fine-tuned with KD from the
+teacher, its unpolished metrics kept beside. Latencies of the teacher and the exports are measured
+side by side (`latency.LatencyComparison`).
 """
 
 from __future__ import annotations
 
-import json
+import re
 import shutil
 import time
 from pathlib import Path
 
-from eftnas_cli import elastic
+from eftnas_cli import artifacts, elastic
+from eftnas_cli.data import TaskData, recipe_task_data
 from eftnas_cli.errors import UserError
+from eftnas_cli.latency import LatencyComparison, TimedModel
 from eftnas_cli.models import best_device, load_model, load_tokenizer, save_model
 from eftnas_cli.recipe import ExportSection, Recipe
-from eftnas_cli.rundir import RunDir, write_json
-from eftnas_cli.stages.common import first_eval_split, model_files, task_data, teacher_folder
-from eftnas_cli.stages.gen_space import SPACE_FILE, SearchSpace
-from eftnas_cli.stages.search import PARETO_FILE, TRIALS_FILE, describe, percent_of
-from eftnas_cli.stages.train_supernet import supernet_folder
-from eftnas_cli.training import evaluate
-from eftnas_cli.ui import console
+from eftnas_cli.rundir import RunDir, holds_lock, write_json
+from eftnas_cli.supernet import Supernet
+from eftnas_cli.training import distill, evaluate
+from eftnas_cli.ui import console, percent_of
+
+BY = "export"
+TEACHER = "teacher"
+CONVERTED_BACKENDS = ["onnxruntime", "openvino", "openvino_int8"]
+# An export label becomes a folder name under export/.
+SAFE_LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
-def choose_subnets(run: RunDir, budgets, trial, subnet_file) -> list[tuple[str, elastic.Subnet, dict | None]]:
+def _subnet_file_label(subnet_file: Path) -> str:
+    label = Path(subnet_file).stem
+    if not SAFE_LABEL.fullmatch(label) or label == artifacts.EXPORT_SUMMARY_FILE.removesuffix(".json"):
+        raise UserError(f"--subnet {subnet_file}: the file name '{label}' becomes the export's folder name; "
+                        "rename the file to letters, digits, '_', '-' or '.' (not starting with '.' or '-')")
+    return label
+
+
+def choose_subnets(run: RunDir, supernet: Supernet, budgets, trial, subnet_file) -> list[tuple[str, elastic.Subnet, dict | None]]:
     """(label, subnet, the search's record of it or None) for each requested export."""
     if subnet_file is not None:
-        try:
-            subnet = elastic.Subnet.from_dict(json.loads(Path(subnet_file).read_text()))
-        except json.JSONDecodeError as error:
-            raise UserError(f"{subnet_file}: not valid JSON ({error.msg})") from None
-        return [(Path(subnet_file).stem, subnet, None)]
-    pareto = json.loads((run.require("search", by="export") / PARETO_FILE).read_text())
+        label = _subnet_file_label(subnet_file)
+        subnet = elastic.Subnet.from_json(subnet_file)
+        elastic.validate_subnet(supernet.config, subnet)
+        return [(label, subnet, None)]
     if trial is not None:
-        trials = json.loads((run.stage_dir("search") / TRIALS_FILE).read_text())
-        record = next((t for t in trials if t["trial"] == trial), None)
+        record = next((t for t in artifacts.load_trials(run, by=BY) if t["trial"] == trial), None)
         if record is None:
             raise UserError(f"--trial {trial}: no completed search trial with that number")
         return [(f"trial-{trial}", elastic.Subnet.from_dict(record["subnet"]), record)]
+    pareto = artifacts.load_pareto(run, by=BY)
+    smallest = supernet.space.min_macs / pareto.full_macs
     chosen = []
     for budget in budgets:
-        candidates = [t for t in pareto["front"] if t["macs"] <= budget * pareto["full_macs"]]
-        if not candidates:
-            raise UserError(f"no searched subnet within {budget:g} of the full MACs; search with that budget first")
-        best = max(candidates, key=lambda t: (t["score"], -t["macs"]))
-        chosen.append((f"budget-{budget:g}", elastic.Subnet.from_dict(best["subnet"]), best))
+        if budget < smallest:
+            raise UserError(f"export budget {budget:g} is below the search space's smallest subnet ({smallest:.3f} of "
+                            "the full MACs, set by space.cmin): lower space.cmin and run gen-space onwards again")
+        best = pareto.best(budget)
+        if best is None:
+            raise UserError(f"the search found no subnet within {budget:g} of the full MACs: add {budget:g} to "
+                            "search.budgets (or raise search.trials) and run search again")
+        chosen.append((artifacts.export_label(budget), elastic.Subnet.from_dict(best["subnet"]), best))
     return chosen
 
 
-def _latency_features(model, section: ExportSection, batch: int) -> dict:
-    from eftnas_cli.deploy import model_input_names
-    from eftnas_cli.latency import dummy_features
-
-    return dummy_features(model_input_names(model), batch, section.latency_seq_len, model.config.vocab_size)
-
-
-def _torch_latencies(model, section: ExportSection) -> dict:
-    """Torch latency (median ms) per batch size, where the model is. Taken before any OpenVINO
-    work: OpenVINO's worker threads linger after it runs and would slow torch down."""
-    from eftnas_cli.latency import torch_latency
-
-    device = str(next(model.parameters()).device)
-    return {f"torch_batch{batch}": torch_latency(model, _latency_features(model, section, batch),
-                                                 runs=section.latency_runs, device=device).median_ms
-            for batch in section.latency_batch_sizes}
-
-
-def _converted_latencies(model, folder: Path, section: ExportSection) -> dict:
-    """ONNX Runtime, OpenVINO f32 and OpenVINO INT8 latency (median ms) of the files in `folder`."""
-    from eftnas_cli.latency import onnx_latency, openvino_latency
-
-    files = {"onnxruntime": (folder / "model.onnx", None), "openvino": (folder / "openvino" / "model.xml", "f32"),
-             "openvino_int8": (folder / "openvino" / "model_int8.xml", "default")}
-    results = {}
-    for batch in section.latency_batch_sizes:
-        features = _latency_features(model, section, batch)
-        for backend, (path, precision) in files.items():
-            if not path.exists():
-                continue
-            latency = (onnx_latency(path, features, runs=section.latency_runs) if precision is None
-                       else openvino_latency(path, features, precision=precision, runs=section.latency_runs))
-            results[f"{backend}_batch{batch}"] = latency.median_ms
-    return results
-
-
-def _deploy_formats(model, folder: Path, section: ExportSection, data) -> None:
+def _deploy_formats(model, folder: Path, section: ExportSection, data: TaskData) -> dict[str, Path]:
+    """Writes the converted formats the recipe asks for; returns backend name → file."""
     from eftnas_cli.deploy import calibration_batches, export_onnx, model_input_names, quantize_int8, to_openvino
 
     if not (section.onnx or section.openvino):
-        return
-    onnx_path = export_onnx(model, folder / "model.onnx")
+        return {}
+    files = {"onnxruntime": export_onnx(model, folder / "model.onnx")}
     if section.openvino:
-        xml = to_openvino(onnx_path, folder / "openvino" / "model.xml")
+        files["openvino"] = to_openvino(files["onnxruntime"], folder / "openvino" / "model.xml")
         if section.int8:
             calibration = calibration_batches(data.train, data.collator, model_input_names(model), section.calibration_samples)
-            quantize_int8(xml, calibration, folder / "openvino" / "model_int8.xml")
+            files["openvino_int8"] = quantize_int8(files["openvino"], calibration, folder / "openvino" / "model_int8.xml")
     if not section.onnx:
-        onnx_path.unlink()
+        files.pop("onnxruntime").unlink()
+    return files
 
 
-def _earlier_exports(folder: Path, replaced: set[str]) -> dict[str, dict]:
+def _earlier_exports(run: RunDir, replaced: set[str]) -> dict[str, dict]:
     """Label → metrics of exports a previous call made that this call does not redo."""
-    summary_file = folder / "summary.json"
-    if not summary_file.is_file():
-        return {}
-    exports = json.loads(summary_file.read_text())["exports"]
+    exports = artifacts.load_export_summary(run).get("exports", {})
+    folder = run.stage_dir("export")
     return {label: metrics for label, metrics in exports.items() if label not in replaced and (folder / label).is_dir()}
 
 
+@holds_lock("export")
 def export(recipe: Recipe, budgets=None, trial: int | None = None, subnet_file: Path | None = None) -> dict:
     """Exports the chosen subnets under `export/<label>/`; prints the summary table."""
     started = time.perf_counter()
     run = RunDir(recipe)
     section = recipe.export
-    supernet_dir = supernet_folder(run, by="export")
-    teacher_dir = teacher_folder(recipe, run, by="export")
-    chosen = choose_subnets(run, budgets or section.budgets, trial, subnet_file)
+    for budget in budgets or []:
+        if not 0 < budget <= 1:  # NaN fails this too
+            raise UserError(f"--budget {budget:g}: a budget is a fraction of the full MACs in (0, 1]")
+    inputs = Supernet.input_files(run, by=BY)  # first: the upstream stage a user most likely lacks
+    teacher_dir = artifacts.teacher_folder(recipe, run, by=BY)
     tokenizer = load_tokenizer(recipe.model.name)
-    data = task_data(recipe, tokenizer)
-    supernet = load_model(str(supernet_dir), data.spec)  # extract slices it; no elastic forward needed
-    for _, subnet, _ in chosen:
-        elastic.validate_subnet(supernet.config, subnet)
+    data = recipe_task_data(recipe, tokenizer)
+    supernet = Supernet.load(run, data.spec, by=BY)  # the search's MACs convention comes with its space
+    chosen = choose_subnets(run, supernet, budgets or section.budgets, trial, subnet_file)
     device = best_device(recipe.device)
-    split = data.eval[first_eval_split(data)]
-    pareto_file = run.stage_dir("search") / PARETO_FILE
-    search_rows = json.loads(pareto_file.read_text())["eval_rows"] if pareto_file.exists() else len(split)
-    seq_len = SearchSpace.load(supernet_dir.parent / SPACE_FILE).seq_len  # the search's MACs convention
-    full_macs = elastic.macs(supernet.config, None, seq_len).encoder
+    split = data.main_eval
+    search_rows = artifacts.load_pareto(run, by=BY).eval_rows if run.record("search") else len(data.search)
 
     teacher = load_model(teacher_dir, data.spec).to(device).eval()
     summary = {"teacher": {
         "metrics": evaluate(teacher, split, data.collator, data.spec),
-        "gmacs": full_macs / 1e9,
-        "params": elastic.count_params(teacher.config).encoder,
-        "latency_ms": _torch_latencies(teacher, section),
+        "gmacs": supernet.full_macs / 1e9,
+        "params": supernet.params(None),
     }, "exports": {}}
     previous = run.stage_dir("export")
-    kept = _earlier_exports(previous, {label for label, _, _ in chosen})
+    kept = _earlier_exports(run, {label for label, _, _ in chosen})
 
     with run.stage("export", started) as out:
-        for path in [*model_files(supernet_dir), *model_files(teacher_dir)]:
+        for path in [*inputs, *artifacts.model_files(teacher_dir)]:
             out.add_input(path)
         # Exports of earlier calls stay beside the new ones (a new label replaces its namesake).
         for label, metrics in kept.items():
             shutil.copytree(previous / label, out.dir / label)
             summary["exports"][label] = metrics
-        exported_models = {}
+        timed = {TEACHER: TimedModel(teacher, 1.0)}
         for label, subnet, record in chosen:
-            console.print(f"export {label}: {describe(subnet)}")
+            console.print(f"export {label}: {subnet.describe()}")
             folder = out.dir / label
-            save_model(elastic.extract(supernet, subnet), tokenizer, folder)
-            exported = exported_models[label] = load_model(str(folder), data.spec).to(device).eval()
+            save_model(supernet.extract(subnet), tokenizer, folder)
+            exported = load_model(str(folder), data.spec).to(device).eval()
             if record is not None:
-                rows = split.select(range(min(search_rows, len(split))))
+                rows = data.search.select(range(min(search_rows, len(data.search))))
                 rechecked = evaluate(exported, rows, data.collator, data.spec)["score"]
                 if abs(rechecked - record["score"]) > section.max_metric_drop:
                     raise RuntimeError(
                         f"{label}: exported model scores {rechecked:.4f}, the search recorded {record['score']:.4f}"
                     )
-            macs = elastic.macs(supernet.config, subnet, seq_len).encoder
-            summary["exports"][label] = {
+            macs = supernet.macs(subnet)
+            entry = summary["exports"][label] = {
                 "subnet": subnet.to_dict(),
                 "metrics": evaluate(exported, split, data.collator, data.spec),
                 "gmacs": macs / 1e9,
-                "macs_ratio": macs / full_macs,
-                "params": elastic.count_params(supernet.config, subnet).encoder,
-                "latency_ms": _torch_latencies(exported, section),
+                "macs_ratio": macs / supernet.full_macs,
+                "params": supernet.params(subnet),
             }
-        # ONNX/OpenVINO conversion and timing only after every torch timing (see _torch_latencies).
-        for label, exported in exported_models.items():
-            folder = out.dir / label
-            _deploy_formats(exported, folder, section, data)
-            summary["exports"][label]["latency_ms"].update(_converted_latencies(exported, folder, section))
-            write_json(folder / "metrics.json", summary["exports"][label])
-        write_json(out.dir / "summary.json", summary)
+            if section.finetune_epochs > 0:
+                polished, entry["polish_wall_s"] = distill(
+                    exported, teacher, data, recipe.supernet.model_copy(update={"epochs": section.finetune_epochs,
+                                                                                "max_steps": None}),
+                    seed=recipe.seed, device=recipe.device, description=f"polishing {label} (KD from the teacher)")
+                save_model(polished, tokenizer, folder)
+                exported = load_model(str(folder), data.spec).to(device).eval()
+                entry["unpolished_metrics"] = entry["metrics"]
+                entry["metrics"] = evaluate(exported, split, data.collator, data.spec)
+            timed[label] = TimedModel(exported, macs / supernet.full_macs)
+        comparison = LatencyComparison(timed, TEACHER, section.latency_batch_sizes, section.latency_seq_len,
+                                       runs=section.latency_runs, device=str(device))
+        # Torch first: OpenVINO's worker threads linger after conversion and slow torch down.
+        latencies = comparison.measure(["torch"])
+        for label, exported in timed.items():
+            if label != TEACHER:
+                exported.files = _deploy_formats(exported.model, out.dir / label, section, data)
+        latencies.merge(comparison.measure(CONVERTED_BACKENDS))
+        summary["teacher"]["latency_ms"] = latencies.median_ms[TEACHER]
+        for label in [label for label in timed if label != TEACHER]:
+            summary["exports"][label]["latency_ms"] = latencies.median_ms[label]
+            summary["exports"][label]["latency_spread"] = latencies.spread[label]
+            summary["exports"][label]["latency_flags"] = latencies.flags.get(label, [])
+            write_json(out.dir / label / "metrics.json", summary["exports"][label])
+        summary["teacher"]["latency_flags"] = latencies.flags.get(TEACHER, [])
+        write_json(out.dir / artifacts.EXPORT_SUMMARY_FILE, summary)
         out.metrics = summary
     print_summary(summary, data.spec.main_metric)
     return summary
@@ -195,17 +193,28 @@ def print_summary(summary: dict, metric: str) -> None:
     speedups = [(f"torch b{b}", f"torch_batch{b}", f"torch_batch{b}") for b in batches]
     speedups += [(f"OV b{batches[0]}", f"openvino_batch{batches[0]}", f"torch_batch{batches[0]}"),
                  (f"INT8 b{batches[0]}", f"openvino_int8_batch{batches[0]}", f"torch_batch{batches[0]}")]
+    polished = any("unpolished_metrics" in export for export in summary["exports"].values())
     table = Table(title=f"eftnas result: {metric}, MACs and speed-up over the dense teacher in torch",
                   box=box.SIMPLE_HEAD, pad_edge=False)
-    for column in ("model", metric, "% teacher", "GMACs", *(name for name, _, _ in speedups)):
+    for column in ("model", metric, *(["unpolished"] if polished else []), "% teacher", "GMACs",
+                   *(name for name, _, _ in speedups)):
         table.add_column(column, justify="right", no_wrap=column in ("model", "GMACs"))
-    table.add_row("teacher", f"{base_score:.4f}", "100.0%", f"{teacher['gmacs']:.2f}",
+    table.add_row("teacher", f"{base_score:.4f}", *([""] if polished else []), "100.0%", f"{teacher['gmacs']:.2f}",
                   *("1.00×" if key.startswith("torch") else "" for _, key, _ in speedups))
+    flagged = []
     for label, export in summary["exports"].items():
         latency = export["latency_ms"]
+        unpolished = export.get("unpolished_metrics")
         table.add_row(
-            label, f"{export['metrics']['score']:.4f}", percent_of(export["metrics"]["score"], base_score),
+            label, f"{export['metrics']['score']:.4f}",
+            *([f"{unpolished['score']:.4f}" if unpolished else "-"] if polished else []),
+            percent_of(export["metrics"]["score"], base_score),
             f"{export['gmacs']:.2f} ({export['macs_ratio']:.0%})",
             *(f"{base_latency[reference] / latency[key]:.2f}×" if key in latency else "-" for _, key, reference in speedups),
         )
+        flagged += [f"{label}: {flag}" for flag in export.get("latency_flags", [])]
     console.print(table)
+    flagged += [f"teacher: {flag}" for flag in teacher.get("latency_flags", [])]
+    if flagged:
+        console.print("[yellow]timings that stayed inconsistent after a re-measure (a busy machine?):[/yellow] "
+                      + "; ".join(flagged), soft_wrap=True)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import shutil
 
+from eftnas_cli.data import recipe_task_data
 from eftnas_cli.models import load_model, load_tokenizer, save_model
 from eftnas_cli.recipe import Recipe
-from eftnas_cli.rundir import RunDir, write_json
-from eftnas_cli.stages.common import first_eval_split, task_data
+from eftnas_cli.rundir import RunDir, holds_lock, write_json
 from eftnas_cli.training import QuietTrainer, RichProgress, evaluate, trainer_metrics, training_arguments
 from eftnas_cli.ui import console
 
 
+@holds_lock("finetune")
 def finetune(recipe: Recipe) -> dict:
     """Fine-tune `recipe.model` on `recipe.task`; writes `finetune/model` and `finetune/metrics.json`."""
     run = RunDir(recipe)
@@ -20,7 +21,7 @@ def finetune(recipe: Recipe) -> dict:
         console.print(f"finetune: skipped, the recipe names a fine-tuned teacher ({recipe.model.teacher})")
         return {}
     tokenizer = load_tokenizer(recipe.model.name)
-    data = task_data(recipe, tokenizer)
+    data = recipe_task_data(recipe, tokenizer)
     model = load_model(recipe.model.name, data.spec)
     section = recipe.finetune
     with run.stage("finetune") as out:
@@ -29,7 +30,7 @@ def finetune(recipe: Recipe) -> dict:
             model=model,
             args=training_arguments(section, checkpoints, recipe.seed, device=recipe.device, main_metric="score"),
             train_dataset=data.train,
-            eval_dataset=data.eval[first_eval_split(data)],
+            eval_dataset=data.search,  # the best epoch is chosen on search rows, not validation
             data_collator=data.collator,
             processing_class=tokenizer,
             compute_metrics=trainer_metrics(data.spec),

@@ -9,117 +9,25 @@ width is dropped to 0 (a layer with neither heads nor neurons is skipped: elasti
 from __future__ import annotations
 
 import dataclasses
-import json
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from eftnas_cli import elastic
+from eftnas_cli import artifacts, elastic
 from eftnas_cli.errors import UserError
 from eftnas_cli.models import resolve_model
 from eftnas_cli.plots import space_heatmap
+from eftnas_cli.pruning import ThresholdPruner
 from eftnas_cli.recipe import Recipe, SpaceSection
-from eftnas_cli.rundir import RunDir, write_json
-from eftnas_cli.stages.importance import IMPORTANCE_FILE
+from eftnas_cli.rundir import RunDir, holds_lock, write_json
 from eftnas_cli.ui import console
 
-SPACE_FILE = "search_space.json"
-BISECTION_STEPS = 60
 
-
-@dataclass(frozen=True)
-class SearchSpace:
-    """Per-layer width choices (descending) plus what generated them."""
-
-    choices: list[dict[str, list[int]]]
-    full_macs: int
-    min_macs: int
-    seq_len: int
-    targets: list[dict]
-
-    def largest(self) -> elastic.Subnet:
-        return self._pick(lambda values: values[0])
-
-    def smallest(self) -> elastic.Subnet:
-        return self._pick(lambda values: values[-1])
-
-    def sample(self, generator: np.random.Generator) -> elastic.Subnet:
-        return self._pick(lambda values: values[generator.integers(len(values))])
-
-    def _pick(self, choose) -> elastic.Subnet:
-        return elastic.Subnet(
-            tuple(elastic.LayerWidth(int(choose(c["heads"])), int(choose(c["neurons"]))) for c in self.choices)
-        )
-
-    def to_dict(self) -> dict:
-        return {
-            "seq_len": self.seq_len,
-            "full_macs": self.full_macs,
-            "min_macs": self.min_macs,
-            "choices": self.choices,
-            "targets": self.targets,
-        }
-
-    @classmethod
-    def load(cls, path: Path) -> "SearchSpace":
-        data = json.loads(Path(path).read_text())
-        return cls(data["choices"], data["full_macs"], data["min_macs"], data["seq_len"], data["targets"])
-
-
-def _tie_broken(scores: torch.Tensor) -> np.ndarray:
-    """Scores with ties split by position, so each threshold step keeps at most one more unit."""
-    values = scores.double().numpy()
-    return values - 1e-9 * np.arange(values.shape[-1]) / values.shape[-1]
-
-
-class ThresholdPruner:
-    """The subnet kept by an importance threshold, and its MACs."""
-
-    def __init__(self, config, heads: torch.Tensor, neurons: torch.Tensor, section: SpaceSection):
-        self.config, self.section = config, section
-        self.dims = elastic.encoder_dims(config)
-        expected = (self.dims.num_layers, self.dims.heads), (self.dims.num_layers, self.dims.neurons)
-        if (tuple(heads.shape), tuple(neurons.shape)) != expected:
-            raise UserError(f"importance scores of shape {tuple(heads.shape)}/{tuple(neurons.shape)} do not fit the model")
-        self.heads, self.neurons = _tie_broken(heads), _tie_broken(neurons)
-
-    def subnet(self, threshold: float) -> elastic.Subnet:
-        layers = []
-        multiple = self.section.neuron_multiple
-        for head_scores, neuron_scores in zip(self.heads, self.neurons):
-            heads = int((head_scores > threshold).sum())
-            neurons = int((neuron_scores > threshold).sum())
-            neurons = min(self.dims.neurons, multiple * round(neurons / multiple))
-            if heads < self.section.discard_fraction * self.dims.heads:
-                heads = 0
-            if neurons < self.section.discard_fraction * self.dims.neurons:
-                neurons = 0
-            layers.append(elastic.LayerWidth(heads, neurons))
-        return elastic.Subnet(tuple(layers))
-
-    def macs(self, subnet: elastic.Subnet) -> int:
-        return elastic.macs(self.config, subnet, seq_len=self.section.seq_len).encoder
-
-    def fit(self, target: float) -> tuple[float, elastic.Subnet, int]:
-        """Bisect the threshold whose kept units cost closest to `target` MACs."""
-        low, high = 0.0, 1.0  # importance is sigmoid(score): 0 keeps every unit, 1 none
-        best = (0.0, self.subnet(0.0))
-        best_macs = self.macs(best[1])
-        for _ in range(BISECTION_STEPS):
-            middle = (low + high) / 2
-            subnet = self.subnet(middle)
-            cost = self.macs(subnet)
-            if abs(cost - target) < abs(best_macs - target):
-                best, best_macs = (middle, subnet), cost
-            if cost > target:
-                low = middle
-            else:
-                high = middle
-        return best[0], best[1], best_macs
+def space_pruner(config, heads: torch.Tensor, neurons: torch.Tensor, section: SpaceSection) -> ThresholdPruner:
+    """The threshold pruner a `space` recipe section describes."""
+    return ThresholdPruner(config, heads, neurons, seq_len=section.seq_len,
+                           neuron_multiple=section.neuron_multiple, discard_fraction=section.discard_fraction)
 
 
 def _budget(value: float, reference: int) -> float:
@@ -127,9 +35,9 @@ def _budget(value: float, reference: int) -> float:
     return value * reference if value <= 1 else value * 1e9
 
 
-def build_space(config, heads: torch.Tensor, neurons: torch.Tensor, section: SpaceSection) -> SearchSpace:
+def build_space(config, heads: torch.Tensor, neurons: torch.Tensor, section: SpaceSection) -> elastic.SearchSpace:
     """The search space for `config` from importance scores (the pure part of the stage)."""
-    pruner = ThresholdPruner(config, heads, neurons, section)
+    pruner = space_pruner(config, heads, neurons, section)
     full = pruner.macs(elastic.full_subnet(config))
     cmax = full if section.cmax is None else _budget(section.cmax, full)
     cmin = _budget(section.cmin, cmax)
@@ -156,20 +64,20 @@ def build_space(config, heads: torch.Tensor, neurons: torch.Tensor, section: Spa
             "heads": sorted({s.layers[index].heads for s in subnets}, reverse=True),
             "neurons": sorted({s.layers[index].neurons for s in subnets}, reverse=True),
         })
-    space = SearchSpace(choices, full, min_macs=0, seq_len=section.seq_len, targets=records)
+    space = elastic.SearchSpace(choices, full, min_macs=0, seq_len=section.seq_len, targets=records)
     return dataclasses.replace(space, min_macs=pruner.macs(space.smallest()))
 
 
+@holds_lock("gen-space")
 def generate_space(recipe: Recipe) -> dict:
     """Writes `space/search_space.json`, a per-target heatmap and prints the choices."""
     run = RunDir(recipe)
-    importance_file = run.require("importance", by="gen-space") / IMPORTANCE_FILE
-    scores = load_file(str(importance_file))
+    importance = artifacts.load_importance(run, by="gen-space")
     config = AutoConfig.from_pretrained(resolve_model(recipe.model.name))
-    space = build_space(config, scores["heads"], scores["neurons"], recipe.space)
+    space = build_space(config, importance.heads, importance.neurons, recipe.space)
     with run.stage("gen-space") as out:
-        out.add_input(importance_file)
-        write_json(out.dir / SPACE_FILE, space.to_dict())
+        out.add_input(importance.path)
+        write_json(out.dir / artifacts.SPACE_FILE, space.to_dict())
         dims = elastic.encoder_dims(config)
         widths = np.array([[(w["heads"], w["neurons"]) for w in t["subnet"]["layers"]] for t in space.targets])
         labels = [f"{t['macs'] / 1e9:.2f}G" for t in space.targets]
@@ -185,7 +93,7 @@ def generate_space(recipe: Recipe) -> dict:
     return out.metrics
 
 
-def _print_space(space: SearchSpace) -> None:
+def _print_space(space: elastic.SearchSpace) -> None:
     from rich.table import Table
 
     table = Table(title=f"search space (full {space.full_macs / 1e9:.3f} GMACs, smallest {space.min_macs / 1e9:.3f})")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from eftnas_cli.errors import UserError
 from eftnas_cli.recipe import Recipe
-from eftnas_cli.rundir import RunDir
+from eftnas_cli.rundir import RunDir, holds_lock
 from eftnas_cli.stages.export import export
 from eftnas_cli.stages.finetune import finetune
 from eftnas_cli.stages.gen_space import generate_space
@@ -22,19 +23,27 @@ PIPELINE = (
 )
 
 
-def run_pipeline(recipe: Recipe) -> dict:
-    """Run the stages of `recipe` in order; returns each stage's metrics (None when skipped)."""
+STAGE_NAMES = tuple(name for name, _ in PIPELINE)
+
+
+@holds_lock("run")
+def run_pipeline(recipe: Recipe, until: str | None = None) -> dict:
+    """Run the stages of `recipe` in order, through `until` (default: all); returns each stage's
+    metrics (None when skipped because it is up to date)."""
     run = RunDir(recipe)
     run.check_same_recipe()
+    if until is not None and until not in STAGE_NAMES:
+        raise UserError(f"--until {until}: not a stage; choose from {', '.join(STAGE_NAMES)}")
+    stages = PIPELINE[: STAGE_NAMES.index(until) + 1] if until else PIPELINE
     results = {}
-    for name, stage in PIPELINE:
+    for name, stage in stages:
         if run.is_current(name):
             console.rule(f"[bold]{name}[/bold]: up to date, skipped")
             results[name] = None
             continue
         console.rule(f"[bold]{name}")
         results[name] = stage(recipe)
-    if results["export"] is None:
+    if "export" in results and results["export"] is None:
         # Nothing was redone, but the user still expects the result: show the last summary.
         from eftnas_cli.data import get_task
         from eftnas_cli.stages.export import print_summary

@@ -8,86 +8,77 @@ fine-tuned teacher (KL on temperature-scaled logits, MSE for regression) plus th
 
 from __future__ import annotations
 
+import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from eftnas_cli import elastic
+from eftnas_cli import artifacts, elastic
+from eftnas_cli.data import recipe_task_data
 from eftnas_cli.errors import UserError
 from eftnas_cli.models import load_model, load_tokenizer, save_model
 from eftnas_cli.recipe import Recipe
-from eftnas_cli.rundir import RunDir, write_json
-from eftnas_cli.stages.common import first_eval_split, model_files, start_weights, task_data, teacher_folder
-from eftnas_cli.stages.gen_space import SPACE_FILE, SearchSpace
-from eftnas_cli.stages.importance import IMPORTANCE_FILE
-from eftnas_cli.training import QuietTrainer, RichProgress, distillation_loss, evaluate, training_arguments
+from eftnas_cli.rundir import RunDir, holds_lock, sha256, write_json
+from eftnas_cli.supernet import Supernet
+from eftnas_cli.training import CheckpointEvery, DistillationTrainer, RichProgress, training_arguments
 from eftnas_cli.ui import console
 
-SUPERNET_FOLDER = "model"
+BY = "train-supernet"
+CHECKPOINT_FINGERPRINT = "fingerprint.json"  # beside the checkpoints: the run they belong to
 
 
-def probe_subnets(space: SearchSpace) -> dict[str, elastic.Subnet]:
+def probe_subnets(space: elastic.SearchSpace) -> dict[str, elastic.Subnet]:
     """The subnets evaluated each epoch: largest, the middle MACs target, smallest."""
     middle = space.targets[len(space.targets) // 2]["subnet"]
     return {"largest": space.largest(), "middle": elastic.Subnet.from_dict(middle), "smallest": space.smallest()}
 
 
-class SandwichTrainer(QuietTrainer):
-    """A Trainer whose step backpropagates largest + random + smallest subnets, distilled."""
+class SandwichTrainer(DistillationTrainer):
+    """A DistillationTrainer whose step backpropagates largest + random + smallest subnets."""
 
-    def __init__(self, *args, teacher, space: SearchSpace, spec, section, seed: int, **kwargs):
+    def __init__(self, *args, supernet: Supernet, num_random_subnets: int, seed: int, **kwargs):
         super().__init__(*args, **kwargs)
-        self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
-        self.space, self.spec, self.section, self.seed = space, spec, section, seed
+        self.supernet, self.num_random_subnets, self.seed = supernet, num_random_subnets, seed
 
     def step_subnets(self) -> list[elastic.Subnet]:
         # Seeded by the step, so a resumed run samples the same subnets as an uninterrupted one.
         generator = np.random.default_rng([self.seed, self.state.global_step])
-        randoms = [self.space.sample(generator) for _ in range(self.section.num_random_subnets)]
-        return [self.space.largest(), *randoms, self.space.smallest()]
+        randoms = [self.supernet.sample(generator) for _ in range(self.num_random_subnets)]
+        return [self.supernet.largest(), *randoms, self.supernet.smallest()]
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
         inputs = self._prepare_inputs(inputs)
         labels = inputs.pop("labels")
-        with torch.no_grad():
-            teacher_logits = self.teacher(**inputs).logits
+        teacher_outputs = self.teacher_outputs(inputs)
         subnets = self.step_subnets()
         scale = len(subnets) * self.current_gradient_accumulation_steps
         total = torch.zeros((), device=self.args.device)
         for subnet in subnets:
-            elastic.activate(model, subnet)
+            self.supernet.activate(subnet)
             with self.compute_loss_context_manager():
-                logits = model(**inputs).logits
-                loss = distillation_loss(
-                    logits, teacher_logits, labels, self.spec, self.section.distillation_weight, self.section.temperature
-                )
+                loss, _ = self.student_loss(model, inputs, labels, teacher_outputs)
             self.accelerator.backward(loss / scale)
             total += loss.detach() / scale
-        elastic.activate(model, self.space.largest())
+        self.supernet.activate(self.supernet.largest())
         return total
 
 
 class ProbeEvaluation(TrainerCallback):
-    """Each epoch, evaluate the largest, a middle and the smallest subnet; keep the history."""
+    """Each epoch, evaluate the largest, a middle and the smallest subnet on the search rows (not
+    the validation split, which is read once per final model); keep the history."""
 
-    def __init__(self, model, probes: dict[str, elastic.Subnet], data, batch_size: int):
-        self.model, self.probes, self.data, self.batch_size = model, probes, data, batch_size
+    def __init__(self, supernet: Supernet, data, batch_size: int):
+        self.supernet, self.data, self.batch_size = supernet, data, batch_size
+        self.probes = probe_subnets(supernet.space)
         self.history: list[dict] = []
 
     def evaluate_probes(self) -> dict[str, dict]:
-        split = self.data.eval[first_eval_split(self.data)]
-        results = {}
-        for name, subnet in self.probes.items():
-            elastic.activate(self.model, subnet)
-            results[name] = evaluate(self.model, split, self.data.collator, self.data.spec, self.batch_size)
-        elastic.activate(self.model, self.probes["largest"])
-        return results
+        return {name: self.supernet.evaluate(subnet, self.data.search, self.data, self.batch_size)
+                for name, subnet in self.probes.items()}
 
     def on_epoch_end(self, args, state, control, **kwargs):
         results = self.evaluate_probes()
@@ -95,56 +86,85 @@ class ProbeEvaluation(TrainerCallback):
         console.print(f"  epoch {state.epoch:.2f}: " + ", ".join(f"{k} {v['score']:.4f}" for k, v in results.items()))
 
 
+def _checkpoint_fingerprint(recipe: Recipe, inputs: list) -> dict:
+    """What a checkpoint must have been trained with to be continued: the recipe (section and
+    shared settings) and the hashes of the files the stage reads."""
+    return {"supernet": recipe.supernet.model_dump(mode="json"), "seed": recipe.seed,
+            "model": recipe.model.model_dump(mode="json"), "task": recipe.task.model_dump(mode="json"),
+            "inputs": {str(path): sha256(path) for path in inputs}}
+
+
+def _last_checkpoint(checkpoints, fingerprint: dict) -> str | None:
+    """The latest checkpoint of an interrupted run with the same fingerprint; checkpoints of any
+    other run (changed recipe or inputs) are removed."""
+    if not checkpoints.is_dir():
+        return None
+    recorded = checkpoints / CHECKPOINT_FINGERPRINT
+    if recorded.is_file() and json.loads(recorded.read_text()) == fingerprint:
+        return get_last_checkpoint(str(checkpoints))
+    shutil.rmtree(checkpoints)
+    return None
+
+
+@holds_lock("train-supernet")
 def train_supernet(recipe: Recipe, resume: bool = False) -> dict:
-    """Writes `supernet/model` (reordered full-size weights) with its `search_space.json`."""
+    """Writes `supernet/model` (reordered full-size weights) with its `search_space.json`.
+
+    Checkpoints every `supernet.checkpoint_minutes` of training; a run that was killed or
+    interrupted continues from its last checkpoint when started again with the same recipe and
+    inputs. `resume=True` insists on such a checkpoint."""
     run = RunDir(recipe)
     section = recipe.supernet
-    importance_file = run.require("importance", by="train-supernet") / IMPORTANCE_FILE
-    space_file = run.require("gen-space", by="train-supernet") / SPACE_FILE
-    teacher_dir = teacher_folder(recipe, run, by="train-supernet")
-    source = start_weights(recipe, run, section.start_from, by="train-supernet")
+    importance = artifacts.load_importance(run, by=BY)
+    space_file = artifacts.gen_space_file(run, by=BY)
+    teacher_dir = artifacts.teacher_folder(recipe, run, by=BY)
+    source = artifacts.start_weights(recipe, run, section.start_from, by=BY)
+    inputs = [importance.path, space_file, *artifacts.model_files(teacher_dir), *artifacts.model_files(source)]
     checkpoints = run.path / "checkpoints" / "supernet"
-    last_checkpoint = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    fingerprint = _checkpoint_fingerprint(recipe, inputs)
+    last_checkpoint = _last_checkpoint(checkpoints, fingerprint)
     if resume and last_checkpoint is None:
-        raise UserError(f"--resume: no checkpoint in {checkpoints}; start without --resume")
+        raise UserError(f"--resume: no checkpoint of this recipe in {checkpoints}; start without --resume")
+    if last_checkpoint is not None:
+        console.print(f"train-supernet: continuing from {last_checkpoint}", soft_wrap=True)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    write_json(checkpoints / CHECKPOINT_FINGERPRINT, fingerprint)
 
     tokenizer = load_tokenizer(recipe.model.name)
-    data = task_data(recipe, tokenizer)
-    model = load_model(source, data.spec)
+    data = recipe_task_data(recipe, tokenizer)
+    supernet = Supernet.build(source, data.spec, importance, elastic.SearchSpace.load(space_file))
     teacher = load_model(teacher_dir, data.spec)
-    scores = load_file(str(importance_file))
-    elastic.reorder(model, list(scores["heads"]), list(scores["neurons"]))
-    elastic.make_elastic(model)
-    space = SearchSpace.load(space_file)
-    elastic.validate_subnet(model.config, space.largest())
-
-    probes = ProbeEvaluation(model, probe_subnets(space), data, section.eval_batch_size)
+    probes = ProbeEvaluation(supernet, data, section.eval_batch_size)
     with run.stage("train-supernet") as out:
-        for path in [importance_file, space_file, *model_files(teacher_dir), *model_files(source)]:
+        for path in inputs:
             out.add_input(path)
         trainer = SandwichTrainer(
-            model=model,
+            model=supernet.model,
             args=training_arguments(section, checkpoints, recipe.seed, device=recipe.device,
                                     save_steps=section.save_steps),
             train_dataset=data.train,
             data_collator=data.collator,
             processing_class=tokenizer,
-            callbacks=[RichProgress(f"super-network on {data.spec.name} (sandwich of {section.num_random_subnets + 2})"), probes],
+            callbacks=[RichProgress(f"super-network on {data.spec.name} (sandwich of {section.num_random_subnets + 2})"),
+                       probes, CheckpointEvery(section.checkpoint_minutes)],
             teacher=teacher,
-            space=space,
             spec=data.spec,
-            section=section,
+            distillation_weight=section.distillation_weight,
+            temperature=section.temperature,
+            hidden_weight=section.hidden_distillation_weight,
+            supernet=supernet,
+            num_random_subnets=section.num_random_subnets,
             seed=recipe.seed,
         )
-        trainer.train(resume_from_checkpoint=last_checkpoint if resume else None)
+        trainer.train(resume_from_checkpoint=last_checkpoint)
         final = probes.evaluate_probes()  # leaves the largest subnet active, the one saved
-        save_model(model, tokenizer, out.dir / SUPERNET_FOLDER)
-        shutil.copy(space_file, out.dir / SPACE_FILE)
+        folder = out.dir / artifacts.MODEL_FOLDER
+        save_model(supernet.model, tokenizer, folder)
+        shutil.copy(space_file, out.dir / artifacts.SPACE_FILE)
         out.metrics = {
             "final": final,
             "history": probes.history,
-            "probe_gmacs": {name: elastic.macs(model.config, subnet, space.seq_len).encoder / 1e9
-                            for name, subnet in probes.probes.items()},
+            "probe_gmacs": {name: supernet.macs(subnet) / 1e9 for name, subnet in probes.probes.items()},
         }
         write_json(out.dir / "metrics.json", out.metrics)
     # The finished super-network is saved; the resumable checkpoints are no longer needed.
@@ -153,7 +173,3 @@ def train_supernet(recipe: Recipe, resume: bool = False) -> dict:
         checkpoints.parent.rmdir()
     console.print("super-network: " + ", ".join(f"{k} {v['score']:.4f}" for k, v in final.items()))
     return out.metrics
-
-
-def supernet_folder(run: RunDir, *, by: str) -> Path:
-    return run.require("train-supernet", by=by) / SUPERNET_FOLDER

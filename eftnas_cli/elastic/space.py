@@ -1,0 +1,85 @@
+"""The search space: per-layer width choices of a super-network, and the names a search gives them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .subnet import LayerWidth, Subnet
+
+UNITS = ("heads", "neurons")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Per-layer width choices (descending) plus what generated them.
+
+    `targets` are gen-space's MACs targets, each with the boundary subnet its threshold kept;
+    MACs figures are per sequence of `seq_len` tokens.
+    """
+
+    choices: list[dict[str, list[int]]]
+    full_macs: int
+    min_macs: int
+    seq_len: int
+    targets: list[dict]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.choices)
+
+    def largest(self) -> Subnet:
+        return self._pick(lambda values: values[0])
+
+    def smallest(self) -> Subnet:
+        return self._pick(lambda values: values[-1])
+
+    def sample(self, generator: np.random.Generator) -> Subnet:
+        return self._pick(lambda values: values[generator.integers(len(values))])
+
+    def _pick(self, choose) -> Subnet:
+        return Subnet(tuple(LayerWidth(int(choose(c["heads"])), int(choose(c["neurons"]))) for c in self.choices))
+
+    def size(self) -> int:
+        """How many distinct subnets the space holds."""
+        return int(np.prod([len(c["heads"]) * len(c["neurons"]) for c in self.choices], dtype=object))
+
+    def target_subnets(self) -> list[tuple[int, Subnet]]:
+        """(MACs, subnet) of every gen-space target, largest first."""
+        return [(t["macs"], Subnet.from_dict(t["subnet"])) for t in self.targets]
+
+    # ---- the names a search gives the widths (Optuna parameters) --------------------------------
+    @staticmethod
+    def param_name(layer: int, unit: str) -> str:
+        return f"layer{layer}.{unit}"
+
+    def param_choices(self) -> list[tuple[str, list[int]]]:
+        """(parameter name, choices) for every elastic width: what a search trial suggests."""
+        return [(self.param_name(index, unit), choice[unit]) for index, choice in enumerate(self.choices) for unit in UNITS]
+
+    def subnet_from_params(self, params: dict) -> Subnet:
+        return Subnet(tuple(
+            LayerWidth(int(params[self.param_name(i, "heads")]), int(params[self.param_name(i, "neurons")]))
+            for i in range(self.num_layers)
+        ))
+
+    def params_of(self, subnet: Subnet) -> dict[str, int]:
+        return {self.param_name(i, unit): getattr(width, unit) for i, width in enumerate(subnet.layers) for unit in UNITS}
+
+    # ---- file ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "seq_len": self.seq_len,
+            "full_macs": self.full_macs,
+            "min_macs": self.min_macs,
+            "choices": self.choices,
+            "targets": self.targets,
+        }
+
+    @classmethod
+    def load(cls, path: str | Path) -> SearchSpace:
+        data = json.loads(Path(path).read_text())
+        return cls(data["choices"], data["full_macs"], data["min_macs"], data["seq_len"], data["targets"])
