@@ -1,39 +1,45 @@
-"""Compression quality against baselines, at equal MACs budgets.
+"""Compression quality against baselines, at equal MACs budgets, over several seeds.
 
-For each GLUE task, the eftnas pipeline (configs/quickstart.yaml, one run per task, resumable) and
-four baselines cut to the same budgets (fractions of the dense encoder's MACs):
+Per task, one teacher is fine-tuned (run `<task>-teacher`) and shared; each seed then varies
+everything after it: the eftnas pipeline through `search` (run `<task>-s<seed>`, the recipe's
+settings, default configs/quickstart.yaml) and four baselines cut to the same budgets (fractions of
+the dense encoder's MACs):
 
   (a) pruned, no retraining   the teacher reordered by the run's importance and pruned by one
-                              importance threshold (gen-space's ThresholdPruner) to the budget
-  (b) pruned + KD fine-tune   (a)'s architecture fine-tuned with KD from the teacher for as many
-                              epochs as the super-network got (recipe.supernet settings)
+                              importance threshold (gen-space's pruner) to the budget
+  (b) pruned + KD fine-tune   (a)'s architecture fine-tuned with KD from the teacher like the
+                              super-network (recipe.supernet: epochs, lr, KD settings)
   (c) uniform width           the run's super-network keeping the same fraction of heads and
                               neurons in every layer (DynaBERT-style), the largest that fits
   (d) layer drop + KD         k evenly spaced layers of the teacher (DistilBERT-style), the largest
                               k that fits, fine-tuned like (b)
 
-Every model is evaluated with `training.evaluate` on the task's validation set; the eftnas row is
-the search's best subnet per budget (the export's metrics when it exported that subnet). Writes a
-markdown report (default docs/benchmarks.md) and its raw results (docs/benchmarks_quality.json,
-merged per task: run one task at a time and the file accumulates), prints both tables and whether
-the targets hold.
+and eftnas + polish: eftnas's subnet fine-tuned --polish-epochs with KD (`export.finetune_epochs`).
 
-    python scripts/bench_quality.py [--tasks mrpc sst2 cola] [--budgets 0.5 0.35] [--device cpu|cuda]
-        [--train-samples N] [--out docs/benchmarks.md] [--run-root runs/bench] [--smoke] [key=value ...]
+eftnas is the search's best subnet per budget, chosen on the search rows (held out of the train
+split); every model is evaluated once on the task's validation split. (b), (d) and the polish train
+per budget, so they run at --budgets only; eftnas, (a) and (c) need no extra training and run at
+--extra-budgets too. Each finished (task, seed, method, budget) cell is kept in
+`docs/benchmarks_quality_cells.json` (beside the report, committed with it), so the bench can be
+spread over several sittings, on other machines too: a re-run does only what is missing. Writes a
+markdown report (default docs/benchmarks.md) rendered from its JSON (docs/benchmarks_quality.json,
+with a top-level `summary` list), and prints the targets.
 
-Trailing key=value arguments override the recipe (after the bench's own settings), e.g.
-`supernet.epochs=1 search.trials=60`. `--smoke` checks the script end to end in seconds on a tiny
-random model and synthetic data in a temporary folder.
+    python scripts/bench_quality.py [--tasks mrpc sst2] [--seeds 0 1 2] [--budgets 0.5 0.35]
+        [--extra-budgets 0.7 0.25] [--train-samples TASK=N ...] [--device cpu|cuda] [--recipe FILE]
+        [--run-root runs/bench] [--out docs/benchmarks.md] [--smoke] [key=value ...]
+
+Trailing key=value arguments override the recipe (after the bench's own settings). `--smoke`
+checks the script end to end on a tiny random model and synthetic data in a temporary folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import math
+import statistics
 import sys
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,473 +49,455 @@ import _bench_common as common
 common.hide_gpus_if_cpu_requested(sys.argv[1:])
 
 import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 
-from eftnas_cli import elastic  # noqa: E402
-from eftnas_cli.data import TASKS  # noqa: E402
+from eftnas_cli import artifacts, elastic  # noqa: E402
+from eftnas_cli.data import TASKS, TaskData, recipe_task_data  # noqa: E402
 from eftnas_cli.models import load_model, load_tokenizer  # noqa: E402
+from eftnas_cli.pruning import layer_drop_subnet, uniform_subnet  # noqa: E402
 from eftnas_cli.recipe import Recipe, load_recipe  # noqa: E402
-from eftnas_cli.rundir import RunDir, sha256, write_json  # noqa: E402
-from eftnas_cli.stages.common import first_eval_split, task_data, teacher_folder  # noqa: E402
-from eftnas_cli.stages.gen_space import BISECTION_STEPS, ThresholdPruner  # noqa: E402
-from eftnas_cli.stages.importance import IMPORTANCE_FILE  # noqa: E402
+from eftnas_cli.rundir import RunDir, write_json  # noqa: E402
+from eftnas_cli.stages.gen_space import space_pruner  # noqa: E402
 from eftnas_cli.stages.pipeline import run_pipeline  # noqa: E402
-from eftnas_cli.stages.search import PARETO_FILE, describe  # noqa: E402
-from eftnas_cli.stages.train_supernet import supernet_folder  # noqa: E402
-from eftnas_cli.training import QuietTrainer, RichProgress, distillation_loss, evaluate, training_arguments  # noqa: E402
+from eftnas_cli.supernet import Supernet  # noqa: E402
+from eftnas_cli.training import distill, evaluate  # noqa: E402
 from eftnas_cli.ui import console  # noqa: E402
 
 DEFAULT_RECIPE = common.REPO_ROOT / "configs" / "quickstart.yaml"
 DEFAULT_OUT = Path("docs/benchmarks.md")
 BY = "bench_quality.py"  # how upstream-stage errors name the requester
-SMOKE_TASK, SMOKE_BUDGET = "mrpc", 0.6
+# Train rows per task unless --train-samples says otherwise (None: the whole train split).
+DEFAULT_TRAIN_SAMPLES = {"mrpc": None, "sst2": 8000}
+SMOKE_TASK, SMOKE_BUDGETS, SMOKE_EXTRA_BUDGETS, SMOKE_SEEDS = "mrpc", [0.6], [0.8], [0, 1]
 
 METHODS = {
     "teacher": "teacher (dense)",
     "eftnas": "eftnas (searched subnet)",
-    "pruned": "(a) pruned, no retraining",
-    "pruned_kd": "(b) pruned + KD fine-tune",
-    "uniform": "(c) uniform width (super-network)",
-    "layer_drop_kd": "(d) layer drop + KD",
+    "eftnas+polish": "eftnas + polish (KD fine-tune of the subnet)",
+    "a": "(a) pruned, no retraining",
+    "b": "(b) pruned + KD fine-tune",
+    "c": "(c) uniform width (super-network)",
+    "d": "(d) layer drop + KD",
 }
-# Stages whose wall time is eftnas's training cost: export only converts and measures.
-TRAINING_STAGES = ("finetune", "importance", "gen-space", "train-supernet", "search")
-# The best subnet must stay within this many metric points (x100) of baseline (b).
-KD_MARGIN_POINTS = 0.5
-# A save step that never comes: the KD baselines keep their final weights, no checkpoints.
-NEVER = 10**9
+TRAINED_PER_BUDGET = ("eftnas+polish", "b", "d")  # a fine-tune per budget: --budgets only
+BASELINES = ("a", "b", "c", "d")
+# eftnas's training cost after the teacher: the stages that train, score or search.
+EFTNAS_STAGES = ("importance", "gen-space", "train-supernet", "search")
+KD_MARGIN_POINTS = 0.5  # eftnas must stay within this many points (x100) of (b)
 
 
-def retention_target(task: str, budget: float) -> float:
-    """% of the teacher's metric the best subnet must keep at `budget` (the issue's targets).
-
-    Budgets above 0.5 (e.g. the smoke run's) get the 0.5 target: more MACs should not do worse.
-    """
+def retention_target(budget: float) -> float | None:
+    """% of the teacher eftnas must keep at `budget` (the issue's targets), None where none is set."""
     if budget <= 0.35:
         return 97.0
-    return 97.0 if task == "cola" else 99.0
+    return 99.0 if budget <= 0.5 else None
 
 
-# ---- one task's shared inputs ------------------------------------------------------------------
+# ---- one seed's shared inputs ------------------------------------------------------------------
 @dataclass
-class TaskContext:
-    """What every method of one task reads: the run, its data, the teacher and the MACs scale."""
+class SeedContext:
+    """What every method of one (task, seed) reads: the run, its data, the teacher, the super-network."""
 
     recipe: Recipe
     run: RunDir
-    data: object  # eftnas_cli.data.TaskData
-    split: object  # the tokenized validation split every method is evaluated on
+    data: TaskData
     teacher: torch.nn.Module  # reordered by importance (same function), on `device`
-    head_scores: torch.Tensor
-    neuron_scores: torch.Tensor
-    full_macs: int
+    supernet: Supernet
+    importance: artifacts.UnitImportance
     device: torch.device
-
-    @property
-    def seq_len(self) -> int:
-        # The search space's sequence length: the one pareto.json's MACs are counted at.
-        return self.recipe.space.seq_len
-
-    @property
-    def pipeline_training_wall_s(self) -> float:
-        walls = stage_wall_times(self.run)
-        return sum(walls.get(stage, 0.0) for stage in TRAINING_STAGES)
-
-    def macs(self, subnet: elastic.Subnet | None) -> int:
-        return elastic.macs(self.teacher.config, subnet, self.seq_len).encoder
+    polish_epochs: float
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        return evaluate(model.to(self.device), self.split, self.data.collator, self.data.spec,
+        """Validation metrics: read once per final model."""
+        return evaluate(model.to(self.device), self.data.main_eval, self.data.collator, self.data.spec,
                         self.recipe.search.eval_batch_size)
 
+    def macs_ratio(self, subnet: elastic.Subnet) -> float:
+        return self.supernet.macs(subnet) / self.supernet.full_macs
 
-def load_context(recipe: Recipe, device: torch.device) -> tuple[TaskContext, dict]:
-    """The task's context plus the teacher's metrics (evaluated before reordering, to the bit)."""
+    def stage_walls(self) -> dict[str, float]:
+        return {stage: record["wall_time_s"] for stage, record in self.run.manifest()["stages"].items()}
+
+
+def load_context(recipe: Recipe, device: torch.device, polish_epochs: float) -> SeedContext:
     run = RunDir(recipe)
-    tokenizer = load_tokenizer(recipe.model.name)
-    data = task_data(recipe, tokenizer)
-    split = data.eval[first_eval_split(data)]
-    teacher = load_model(teacher_folder(recipe, run, by=BY), data.spec).to(device).eval()
-    teacher_metrics = evaluate(teacher, split, data.collator, data.spec, recipe.search.eval_batch_size)
-    scores = load_file(str(run.require("importance", by=BY) / IMPORTANCE_FILE))
+    data = recipe_task_data(recipe, load_tokenizer(recipe.model.name))
+    teacher = load_model(artifacts.teacher_folder(recipe, run, by=BY), data.spec).to(device).eval()
+    importance = artifacts.load_importance(run, by=BY)
     # Most important units first, as in the super-network: every baseline cut keeps the best units.
-    elastic.reorder(teacher, list(scores["heads"]), list(scores["neurons"]))
-    full_macs = elastic.macs(teacher.config, None, recipe.space.seq_len).encoder
-    context = TaskContext(recipe, run, data, split, teacher, scores["heads"], scores["neurons"], full_macs, device)
-    return context, teacher_metrics
+    elastic.reorder(teacher, list(importance.heads), list(importance.neurons))
+    supernet = Supernet.load(run, data.spec, by=BY).to(device)
+    return SeedContext(recipe, run, data, teacher, supernet, importance, device, polish_epochs)
 
 
-def result_row(context: TaskContext, method: str, budget: float | None, subnet: elastic.Subnet | None,
-               metrics: dict | None, train_wall_s: float | None, **extra) -> dict:
-    """One table row; `metrics` None means the method has no model within the budget."""
+# ---- cells -------------------------------------------------------------------------------------
+# Bump when a method's code changes what it measures: cells of another version are measured again.
+CELL_VERSION = 1
+
+
+class CellStore:
+    """Finished cells, kept beside the report (`<out stem>_quality_cells.json`, committed with it), so the
+    bench resumes in a later sitting, on another machine too: a cell is reused while the settings
+    that decide it are unchanged, and a seed whose cells are all finished is not run again."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.cells = json.loads(path.read_text()) if path.is_file() else {}
+
+    @staticmethod
+    def key(task: str, seed: int, method: str, budget: float) -> str:
+        return f"{task}/s{seed}/{method}/{budget:g}"
+
+    def get(self, key: str, fingerprint: str) -> dict | None:
+        entry = self.cells.get(key)
+        return entry["cell"] if entry and entry["fingerprint"] == fingerprint else None
+
+    def put(self, key: str, fingerprint: str, cell: dict) -> None:
+        self.cells[key] = {"fingerprint": fingerprint, "cell": cell}
+        write_json(self.path, self.cells)
+
+
+def fingerprint(recipe: Recipe, teacher_recipe: Recipe, method: str, budget: float, polish_epochs: float) -> str:
+    """What decides a cell: every setting of the seed's run and of the shared teacher (paths and
+    run names aside), the method, the budget and the code version."""
+
+    def settings(r: Recipe) -> dict:
+        dumped = r.model_dump(mode="json", exclude={"name", "output_dir"})
+        dumped["model"].pop("teacher", None)
+        return dumped
+
+    decided = {"version": CELL_VERSION, "method": method, "budget": budget, "run": settings(recipe),
+               "teacher": settings(teacher_recipe), "polish_epochs": polish_epochs if method == "eftnas+polish" else None}
+    return hashlib.sha256(json.dumps(decided, sort_keys=True).encode()).hexdigest()
+
+
+def cell(context: SeedContext, method: str, budget: float, subnet: elastic.Subnet | None, metrics: dict | None,
+         train_wall_s: float | None, **extra) -> dict:
+    return {"method": method, "budget": budget, "metrics": metrics,
+            "macs_ratio": None if subnet is None else context.macs_ratio(subnet),
+            "subnet": None if subnet is None else subnet.to_dict(), "train_wall_s": train_wall_s, **extra}
+
+
+def kd_finetune(context: SeedContext, student: torch.nn.Module, description: str, epochs: float | None = None):
+    """`student` trained like the super-network (recipe.supernet) with KD from the teacher, for
+    `epochs` (default the super-network's); returns its validation metrics and training wall time."""
+    section = context.recipe.supernet
+    if epochs is not None:
+        section = section.model_copy(update={"epochs": epochs, "max_steps": None})
+    trained, wall = distill(student, context.teacher, context.data, section, seed=context.recipe.seed,
+                            device=context.recipe.device, description=description)
+    return context.evaluate(trained), wall
+
+
+def measure(context: SeedContext, method: str, budget: float) -> dict:
+    """One cell: `method` cut to `budget`, evaluated on the validation split."""
+    supernet = context.supernet
+    target = budget * supernet.full_macs
+
+    def fits(subnet: elastic.Subnet) -> bool:
+        return supernet.macs(subnet) <= target
+
+    if method == "teacher":
+        return cell(context, method, 1.0, elastic.full_subnet(context.teacher.config), context.evaluate(context.teacher), None)
+    if method in ("eftnas", "eftnas+polish"):
+        best = artifacts.load_pareto(context.run, by=BY).best(budget)
+        if best is None:
+            return cell(context, method, budget, None, None, None, note="the search found no subnet within this budget")
+        subnet = elastic.Subnet.from_dict(best["subnet"])
+        walls = context.stage_walls()
+        pipeline_wall = sum(walls.get(s, 0.0) for s in EFTNAS_STAGES)
+        if method == "eftnas+polish":
+            metrics, wall = kd_finetune(context, supernet.extract(subnet), f"polish @ {budget:g}", context.polish_epochs)
+            return cell(context, method, budget, subnet, metrics, pipeline_wall + wall, polish_wall_s=wall)
+        metrics = supernet.evaluate(subnet, context.data.main_eval, context.data, context.recipe.search.eval_batch_size)
+        return cell(context, method, budget, subnet, metrics, pipeline_wall, search_score=best["score"], stage_walls=walls)
+    if method == "c":
+        subnet = uniform_subnet(supernet.config, fits)
+        metrics = supernet.evaluate(subnet, context.data.main_eval, context.data, context.recipe.search.eval_batch_size)
+        return cell(context, method, budget, subnet, metrics, None)  # the super-network's training, nothing more
+    if method in ("a", "b"):
+        pruner = space_pruner(supernet.config, context.importance.heads, context.importance.neurons,
+                              context.recipe.space)
+        subnet = pruner.within(target)
+        if method == "a":
+            return cell(context, method, budget, subnet, context.evaluate(elastic.extract(context.teacher, subnet)), 0.0)
+        metrics, wall = kd_finetune(context, elastic.extract(context.teacher, subnet), f"{METHODS[method]} @ {budget:g}")
+        return cell(context, method, budget, subnet, metrics, wall)
+    dropped = layer_drop_subnet(supernet.config, fits)
+    if dropped is None:
+        return cell(context, method, budget, None, None, None, note="not even one full layer fits this budget")
+    subnet, kept = dropped
+    metrics, wall = kd_finetune(context, elastic.extract(context.teacher, subnet), f"{METHODS[method]} @ {budget:g}")
+    return cell(context, method, budget, subnet, metrics, wall, kept_layers=kept)
+
+
+# ---- one task ----------------------------------------------------------------------------------
+def task_overrides(task: str, args: argparse.Namespace) -> list[str]:
+    samples = args.train_samples.get(task, DEFAULT_TRAIN_SAMPLES.get(task))
+    budgets = json.dumps(sorted({*args.budgets, *args.extra_budgets}, reverse=True))
+    return [f"task.name={task}", f"output_dir={args.run_root}", f"search.budgets={budgets}",
+            f"task.max_train_samples={'null' if samples is None else samples}", *args.overrides]
+
+
+def cell_plan(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """(method, budget) of every cell of one seed."""
+    plan = [("teacher", 1.0)]
+    for budget in sorted({*args.budgets, *args.extra_budgets}, reverse=True):
+        plan += [(method, budget) for method in METHODS if method != "teacher"
+                 and (method not in TRAINED_PER_BUDGET or budget in args.budgets)
+                 and (method != "eftnas+polish" or args.polish_epochs > 0)]
+    return plan
+
+
+def bench_task(task: str, args: argparse.Namespace, store: CellStore, device: torch.device) -> dict:
+    base = task_overrides(task, args)
+    teacher_recipe = load_recipe(args.recipe, [*base, f"name={task}-teacher"])
+    teacher_run = RunDir(teacher_recipe)
+    teacher_dir = str(teacher_run.stage_dir("finetune") / artifacts.MODEL_FOLDER)
+    facts_key = (f"{task}/facts", fingerprint(teacher_recipe, teacher_recipe, "facts", 1.0, 0.0))
+    cells, facts = [], store.get(*facts_key)
+    for seed in args.seeds:
+        recipe = load_recipe(args.recipe, [*base, f"name={task}-s{seed}", f"seed={seed}", f"model.teacher={teacher_dir}"])
+        wanted = {(method, budget): (CellStore.key(task, seed, method, budget),
+                                     fingerprint(recipe, teacher_recipe, method, budget, args.polish_epochs))
+                  for method, budget in cell_plan(args)}
+        found = {cell_key: store.get(*wanted[cell_key]) for cell_key in wanted}
+        if any(value is None for value in found.values()) or facts is None:
+            if not teacher_run.is_current("finetune"):
+                console.rule(f"[bold]teacher[/bold] ({task})")
+                run_pipeline(teacher_recipe, until="finetune")
+            console.rule(f"[bold]eftnas pipeline[/bold] ({task}, seed {seed})")
+            run_pipeline(recipe, until="search")
+            context = load_context(recipe, device, args.polish_epochs)
+            if facts is None:
+                facts = task_facts(context, teacher_run)
+                store.put(*facts_key, facts)
+            for (method, budget), value in found.items():
+                if value is None:
+                    key, decided = wanted[(method, budget)]
+                    console.print(f"{key}: measuring")
+                    found[(method, budget)] = measure(context, method, budget)
+                    store.put(key, decided, found[(method, budget)])
+        cells += [{**value, "seed": seed} for value in found.values()]
+    return {**facts, "seeds": args.seeds, "cells": cells}
+
+
+def task_facts(context: SeedContext, teacher_run: RunDir) -> dict:
+    """What the report says of a task besides its cells: split sizes, MACs scale, teacher cost."""
     return {
-        "method": method,
-        "budget": budget,
-        "score": None if metrics is None else metrics["score"],
-        "metrics": metrics,
-        "macs_ratio": None if subnet is None else context.macs(subnet) / context.full_macs,
-        "train_wall_s": train_wall_s,
-        "subnet": None if subnet is None else subnet.to_dict(),
-        **extra,
+        "metric": context.data.spec.main_metric,
+        "eval_split": context.data.main_split,
+        "eval_rows": len(context.data.main_eval),
+        "search_rows": len(context.data.search),
+        "train_rows": len(context.data.train),
+        "macs_seq_len": context.supernet.space.seq_len,
+        "full_gmacs": context.supernet.full_macs / 1e9,
+        "teacher_wall_s": teacher_run.record("finetune")["wall_time_s"],
+        "recipe": context.recipe.model_dump(mode="json"),
     }
 
 
-# ---- eftnas (the pipeline) -----------------------------------------------------------------------
-def stage_wall_times(run: RunDir) -> dict[str, float]:
-    return {stage: record["wall_time_s"] for stage, record in run.manifest()["stages"].items()}
+# ---- statistics --------------------------------------------------------------------------------
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def eftnas_rows(context: TaskContext, budgets: list[float]) -> list[dict]:
-    """The search's best subnet per budget; its export's full-validation metrics when exported."""
-    pareto = json.loads((context.run.require("search", by=BY) / PARETO_FILE).read_text())
-    summary_file = context.run.stage_dir("export") / "summary.json"
-    exports = json.loads(summary_file.read_text())["exports"] if summary_file.is_file() else {}
-    training_wall = context.pipeline_training_wall_s
-    rows = []
-    for budget in budgets:
-        best = pareto["best_per_budget"].get(f"{budget:g}")
-        if best is None:
-            rows.append(result_row(context, "eftnas", budget, None, None, training_wall,
-                                   note="the search found no subnet within this budget"))
-            continue
-        exported = exports.get(f"budget-{budget:g}")
-        if exported is not None and exported["subnet"] == best["subnet"]:
-            metrics, source, rows_seen = exported["metrics"], "export", len(context.split)
-        else:
-            metrics, source, rows_seen = best["metrics"], "search", pareto["eval_rows"]
-        rows.append(result_row(context, "eftnas", budget, elastic.Subnet.from_dict(best["subnet"]), metrics,
-                               training_wall, metrics_from=source, eval_rows=rows_seen, trial=best["trial"],
-                               stage_wall_s=stage_wall_times(context.run)))
-    return rows
+def scores(result: dict, method: str, budget: float, metric: str) -> dict[int, float]:
+    """Seed → score (x100) of one method at one budget."""
+    return {c["seed"]: 100 * c["metrics"][metric] for c in result["cells"]
+            if c["method"] == method and c["budget"] == budget and c["metrics"] is not None}
 
 
-# ---- baselines -----------------------------------------------------------------------------------
-def prune_within_budget(pruner: ThresholdPruner, target_macs: float) -> elastic.Subnet:
-    """The subnet of the lowest importance threshold whose MACs fit `target_macs`.
-
-    `fit` picks the threshold closest to the target, which may land just above it; the budget is
-    a ceiling here, so the threshold is then raised (bisection) until the subnet fits.
-    """
-    threshold, subnet, cost = pruner.fit(target_macs)
-    if cost <= target_macs:
-        return subnet
-    low, high = threshold, 1.0  # importance is a sigmoid: threshold 1 keeps nothing, which fits
-    for _ in range(BISECTION_STEPS):
-        middle = (low + high) / 2
-        if pruner.macs(pruner.subnet(middle)) <= target_macs:
-            high = middle
-        else:
-            low = middle
-    return pruner.subnet(high)
+def teacher_scores(result: dict, metric: str) -> dict[int, float]:
+    return scores(result, "teacher", 1.0, metric)
 
 
-def uniform_subnet(config, fits) -> elastic.Subnet:
-    """The same fraction of heads and neurons in every layer, the largest whose subnet `fits`.
-
-    Rounding keeps MACs non-decreasing in the fraction, so bisection finds the largest.
-    """
-    dims = elastic.encoder_dims(config)
-
-    def at(fraction: float) -> elastic.Subnet:
-        width = elastic.LayerWidth(round(fraction * dims.heads), round(fraction * dims.neurons))
-        return elastic.Subnet((width,) * dims.num_layers)
-
-    if fits(at(1.0)):
-        return at(1.0)
-    low, high = 0.0, 1.0
-    for _ in range(BISECTION_STEPS):
-        middle = (low + high) / 2
-        low, high = (middle, high) if fits(at(middle)) else (low, middle)
-    return at(low)
+def metric_names(result: dict) -> list[str]:
+    """The main metric first, then the task's others (MRPC: F1)."""
+    teacher = next(c for c in result["cells"] if c["method"] == "teacher")
+    return [result["metric"], *sorted(set(teacher["metrics"]) - {result["metric"], "score"})]
 
 
-def evenly_spaced_layers(num_layers: int, keep: int) -> list[int]:
-    """`keep` of `num_layers` layers (0-based), each at the middle of its share of the depth,
-    rounded down: 3 of 6 keeps 0, 2, 4 (DistilBERT's every other layer), 2 of 6 keeps 1, 4."""
-    share = num_layers / keep
-    return [math.floor((index + 0.5) * share - 0.5) for index in range(keep)]
+def summary_entries(task: str, result: dict) -> list[dict]:
+    """One entry per (budget, method, metric): mean, sd, seeds and the mean retention."""
+    entries = []
+    budgets = sorted({c["budget"] for c in result["cells"]}, reverse=True)
+    for metric in metric_names(result):
+        teacher = teacher_scores(result, metric)
+        for budget in budgets:
+            for method in METHODS:
+                by_seed = scores(result, method, budget, metric)
+                if not by_seed:
+                    continue
+                mean, sd = mean_sd(list(by_seed.values()))
+                retention = [by_seed[s] / teacher[s] for s in by_seed if teacher.get(s, 0) > 0]
+                entries.append({"task": task, "budget": budget, "method": method, "metric": metric,
+                                "mean": mean, "sd": sd, "seeds": sorted(by_seed),
+                                "retention_mean": statistics.mean(retention) if retention else None})
+    return entries
 
 
-def layer_drop_subnet(config, fits) -> tuple[elastic.Subnet, list[int]] | None:
-    """The most evenly spaced full layers that fit; dropped layers keep 0 heads and 0 neurons,
-    which the elastic core skips. None when not even one layer fits."""
-    dims = elastic.encoder_dims(config)
-    for keep in range(dims.num_layers, 0, -1):
-        kept = evenly_spaced_layers(dims.num_layers, keep)
-        full, dropped = elastic.LayerWidth(dims.heads, dims.neurons), elastic.LayerWidth(0, 0)
-        subnet = elastic.Subnet(tuple(full if index in kept else dropped for index in range(dims.num_layers)))
-        if fits(subnet):
-            return subnet, kept
-    return None
-
-
-class DistillationTrainer(QuietTrainer):
-    """Fine-tunes one dense student with the super-network's loss (`training.distillation_loss`:
-    KD from the frozen teacher mixed with the hard labels), for the KD baselines."""
-
-    # The loss is a per-batch mean, not normalized by `num_items_in_batch`: let the Trainer divide
-    # it by the gradient-accumulation steps.
-    loss_is_scaled_for_ga = False
-
-    def __init__(self, *args, teacher, spec, section, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
-        self.spec, self.section = spec, section
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = dict(inputs)
-        labels = inputs.pop("labels")
-        with torch.no_grad():
-            teacher_logits = self.teacher(**inputs).logits
-        outputs = model(**inputs)
-        loss = distillation_loss(outputs.logits, teacher_logits, labels, self.spec,
-                                 self.section.distillation_weight, self.section.temperature)
-        return (loss, outputs) if return_outputs else loss
-
-
-def kd_finetune(context: TaskContext, student: torch.nn.Module, description: str) -> tuple[torch.nn.Module, float]:
-    """`student` trained like the super-network (recipe.supernet: epochs, lr, batch, KD weight and
-    temperature) from the teacher; returns it and the training wall time in seconds."""
-    section = context.recipe.supernet
-    # Extraction copies requires_grad from its source, and the KD teacher is frozen.
-    student.requires_grad_(True)
-    with tempfile.TemporaryDirectory(prefix="eftnas-bench-kd-") as scratch:
-        trainer = DistillationTrainer(
-            model=student,
-            args=training_arguments(section, Path(scratch), context.recipe.seed, save_steps=NEVER),
-            train_dataset=context.data.train,
-            data_collator=context.data.collator,
-            callbacks=[RichProgress(description)],
-            teacher=context.teacher,
-            spec=context.data.spec,
-            section=section,
-        )
-        started = time.perf_counter()
-        trainer.train()
-        wall = time.perf_counter() - started
-    return trainer.model.eval(), wall
-
-
-class KDResultCache:
-    """Finished KD baselines of a run (`<run>/bench/kd_baselines.json`), so that a re-run of the
-    bench, like the pipeline, does not train them again. An entry is reused only when everything
-    that decides it is unchanged: teacher, importance, student architecture, settings."""
-
-    def __init__(self, context: TaskContext):
-        self.path = context.run.path / "bench" / "kd_baselines.json"
-        self.entries = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        recipe = context.recipe
-        teacher_weights = Path(teacher_folder(recipe, context.run, by=BY)) / "model.safetensors"
-        self.inputs = {
-            "teacher": sha256(teacher_weights),
-            "importance": sha256(context.run.stage_dir("importance") / IMPORTANCE_FILE),
-            "supernet": recipe.supernet.model_dump(mode="json"),
-            "task": recipe.task.model_dump(mode="json"),
-            "seed": recipe.seed,
-            "device": context.device.type,
-        }
-
-    def _fingerprint(self, method: str, subnet: elastic.Subnet) -> str:
-        return json.dumps({**self.inputs, "method": method, "subnet": subnet.to_dict()}, sort_keys=True)
-
-    def get(self, method: str, budget: float, subnet: elastic.Subnet) -> dict | None:
-        entry = self.entries.get(f"{method}@{budget:g}")
-        if entry is None or entry["fingerprint"] != self._fingerprint(method, subnet):
-            return None
-        return {**entry["row"], "cached": True}
-
-    def put(self, method: str, budget: float, subnet: elastic.Subnet, row: dict) -> None:
-        self.entries[f"{method}@{budget:g}"] = {"fingerprint": self._fingerprint(method, subnet), "row": row}
-        write_json(self.path, self.entries)
-
-
-def kd_row(context: TaskContext, cache: KDResultCache, method: str, budget: float, subnet: elastic.Subnet,
-           **extra) -> dict:
-    cached = cache.get(method, budget, subnet)
-    if cached is not None:
-        console.print(f"{METHODS[method]} @ {budget:g}: reusing the result of an earlier bench run")
-        return cached
-    student, wall = kd_finetune(context, elastic.extract(context.teacher, subnet),
-                                f"{METHODS[method]} @ {budget:g} on {context.data.spec.name}")
-    row = result_row(context, method, budget, subnet, context.evaluate(student), wall, **extra)
-    cache.put(method, budget, subnet, row)
-    return row
-
-
-def baseline_rows(context: TaskContext, budgets: list[float]) -> list[dict]:
-    config = context.teacher.config
-    pruner = ThresholdPruner(config, context.head_scores, context.neuron_scores, context.recipe.space)
-    supernet = elastic.make_elastic(load_model(str(supernet_folder(context.run, by=BY)), context.data.spec))
-    cache = KDResultCache(context)
-    rows = []
-    for budget in budgets:
-        target = budget * context.full_macs
-
-        def fits(subnet: elastic.Subnet) -> bool:
-            return context.macs(subnet) <= target
-
-        console.rule(f"[bold]baselines @ {budget:g}[/bold] ({context.data.spec.name})")
-        pruned = prune_within_budget(pruner, target)
-        rows.append(result_row(context, "pruned", budget, pruned,
-                               context.evaluate(elastic.extract(context.teacher, pruned)), 0.0))
-        rows.append(kd_row(context, cache, "pruned_kd", budget, pruned))
-
-        uniform = uniform_subnet(config, fits)
-        elastic.activate(supernet, uniform)
-        # Its weights are the super-network's: it costs the pipeline's training, nothing more.
-        rows.append(result_row(context, "uniform", budget, uniform, context.evaluate(supernet),
-                               context.pipeline_training_wall_s))
-
-        dropped = layer_drop_subnet(config, fits)
-        if dropped is None:
-            rows.append(result_row(context, "layer_drop_kd", budget, None, None, None,
-                                   note="not even one full layer fits this budget"))
-        else:
-            subnet, kept = dropped
-            rows.append(kd_row(context, cache, "layer_drop_kd", budget, subnet, kept_layers=kept))
-    return rows
+def paired_difference(result: dict, method: str, budget: float, metric: str,
+                      ours: str = "eftnas") -> tuple[float, float] | None:
+    """Mean and sd over seeds of `ours` − `method` (same seeds), in points (x100)."""
+    ours, theirs = scores(result, ours, budget, metric), scores(result, method, budget, metric)
+    common_seeds = sorted(set(ours) & set(theirs))
+    return mean_sd([ours[s] - theirs[s] for s in common_seeds]) if common_seeds else None
 
 
 # ---- targets -------------------------------------------------------------------------------------
-def target_checks(task: str, budgets: list[float], rows: list[dict], teacher_score: float) -> list[common.TargetCheck]:
-    by_key = {(row["method"], row["budget"]): row for row in rows}
+def target_checks(task: str, result: dict, budgets: list[float]) -> list[common.TargetCheck]:
+    metric = result["metric"]
+    summary = {(e["method"], e["budget"]): e for e in summary_entries(task, result) if e["metric"] == metric}
     checks = []
-    for budget in budgets:
+    for budget in sorted({c["budget"] for c in result["cells"] if c["method"] == "eftnas"}, reverse=True):
         scope = f"{task} @ {budget:g}"
-        ours = by_key[("eftnas", budget)]["score"]
-        need = retention_target(task, budget)
-        if ours is None:
-            checks.append(common.TargetCheck(scope, f"eftnas keeps >= {need:g}% of the teacher", "no subnet", False))
-            continue
-        if teacher_score > 0:
-            kept = 100 * ours / teacher_score
-            checks.append(common.TargetCheck(scope, f"eftnas keeps >= {need:g}% of the teacher", f"{kept:.1f}%",
-                                             kept >= need))
-        else:
-            checks.append(common.TargetCheck(scope, f"eftnas keeps >= {need:g}% of the teacher",
-                                             f"teacher scores {teacher_score:.4f}", None))
-        for method in ("pruned", "uniform"):
-            theirs = by_key[(method, budget)]["score"]
-            checks.append(common.TargetCheck(scope, f"eftnas beats {METHODS[method]}",
-                                             f"{100 * ours:.2f} vs {100 * theirs:.2f}", ours > theirs))
-        kd = by_key[("pruned_kd", budget)]["score"]
-        gap = 100 * (ours - kd)
-        checks.append(common.TargetCheck(scope, f"eftnas within {KD_MARGIN_POINTS:g} point of {METHODS['pruned_kd']}",
-                                         f"{100 * ours:.2f} vs {100 * kd:.2f} ({gap:+.2f})",
-                                         gap >= -KD_MARGIN_POINTS - 1e-9))
+        ours = summary.get(("eftnas", budget))
+        need = retention_target(budget)
+        if need is not None:
+            kept = None if ours is None or ours["retention_mean"] is None else 100 * ours["retention_mean"]
+            checks.append(common.TargetCheck(scope, f"eftnas keeps >= {need:g}% of the teacher (mean)",
+                                             "-" if kept is None else f"{kept:.1f}%", None if kept is None else kept >= need))
+        for method in BASELINES:
+            difference = paired_difference(result, method, budget, metric)
+            if difference is None:
+                continue
+            mean, sd = difference
+            if method == "b":
+                checks.append(common.TargetCheck(scope, f"eftnas >= (b) - {KD_MARGIN_POINTS:g} point (mean)",
+                                                 f"{mean:+.2f} ± {sd:.2f}", mean >= -KD_MARGIN_POINTS))
+            else:
+                checks.append(common.TargetCheck(scope, f"eftnas beats ({method}) by more than the paired sd",
+                                                 f"{mean:+.2f} ± {sd:.2f}", mean > sd))
+        polished = paired_difference(result, "b", budget, metric, ours="eftnas+polish")
+        if polished is not None:
+            checks.append(common.TargetCheck(scope, "eftnas + polish >= (b) (mean)",
+                                             f"{polished[0]:+.2f} ± {polished[1]:.2f}", polished[0] >= 0))
+    b_walls = [c["train_wall_s"] for c in result["cells"] if c["method"] == "b" and c["train_wall_s"]]
+    e_walls = {c["seed"]: c["train_wall_s"] for c in result["cells"] if c["method"] == "eftnas" and c["train_wall_s"]}
+    if b_walls and e_walls:
+        ours, theirs = statistics.mean(e_walls.values()), 4 * statistics.mean(b_walls)
+        checks.append(common.TargetCheck(task, "eftnas training time <= 4 x (b)'s (four budgets)",
+                                         f"{common.format_duration(ours)} vs {common.format_duration(theirs)}",
+                                         ours <= theirs))
     return checks
 
 
-# ---- one task --------------------------------------------------------------------------------------
-def bench_task(task: str, recipe_file: Path, overrides: list[str], budgets: list[float], device: torch.device) -> dict:
-    recipe = load_recipe(recipe_file, overrides)
-    console.rule(f"[bold]eftnas pipeline: {task}[/bold] ({recipe.run_dir})")
-    run_pipeline(recipe)
-    context, teacher_metrics = load_context(recipe, device)
-    walls = stage_wall_times(context.run)
-    rows = [result_row(context, "teacher", 1.0, elastic.full_subnet(context.teacher.config), teacher_metrics,
-                       walls.get("finetune"))]
-    per_budget = eftnas_rows(context, budgets) + baseline_rows(context, budgets)
-    # Grouped per budget, methods in METHODS order: the rows to compare sit together.
-    method_order = list(METHODS)
-    rows += sorted(per_budget, key=lambda row: (budgets.index(row["budget"]), method_order.index(row["method"])))
-    return {
-        "provenance": common.provenance(device.type),
-        "metric": context.data.spec.main_metric,
-        "eval_split": first_eval_split(context.data),
-        "eval_rows": len(context.split),
-        "train_rows": len(context.data.train),
-        "macs_seq_len": context.seq_len,
-        "full_gmacs": context.full_macs / 1e9,
-        "run_dir": str(context.run.path),
-        "recipe": recipe.model_dump(mode="json"),
-        "rows": rows,
-        "targets": [c.as_dict() for c in target_checks(task, budgets, rows, teacher_metrics["score"])],
-    }
-
-
 # ---- report ----------------------------------------------------------------------------------------
-def task_table(result: dict) -> str:
-    teacher_score = next(row["score"] for row in result["rows"] if row["method"] == "teacher")
+def score_table(task: str, result: dict, metric: str) -> str:
+    entries = {(e["method"], e["budget"]): e for e in summary_entries(task, result) if e["metric"] == metric}
+    budgets = sorted({budget for _, budget in entries if budget < 1}, reverse=True)
     rows = []
-    for row in result["rows"]:
-        score = row["score"]
-        subnet = elastic.Subnet.from_dict(row["subnet"]) if row["subnet"] else None
-        rows.append([
-            METHODS[row["method"]],
-            "-" if row["method"] == "teacher" else f"{row['budget']:g}",
-            "-" if score is None else f"{100 * score:.2f}",
-            "-" if score is None or teacher_score <= 0 else f"{100 * score / teacher_score:.1f}%",
-            "-" if row["macs_ratio"] is None else f"{row['macs_ratio']:.3f}",
-            common.format_duration(row["train_wall_s"]),
-            row.get("note") or (describe(subnet) if subnet else "-"),
-        ])
-    headers = ["method", "budget", f"{result['metric']} (x100)", "% of teacher", "MACs ratio",
-               "training wall time", "architecture (heads/neurons per layer)"]
-    return common.markdown_table(headers, rows, align="lrrrrrl")
+    for method, label in METHODS.items():
+        cells = []
+        for budget in [1.0] if method == "teacher" else budgets:
+            entry = entries.get((method, budget))
+            text = "-" if entry is None else f"{entry['mean']:.2f} ± {entry['sd']:.2f}"
+            if entry is not None and method != "teacher" and entry["retention_mean"] is not None:
+                text += f" ({100 * entry['retention_mean']:.1f}%)"
+            cells.append(text)
+        if method == "teacher":
+            cells += [""] * (len(budgets) - 1)
+        rows.append([label, *cells])
+    headers = ["method", *(f"@ {b:g}" for b in budgets)]
+    return common.markdown_table(headers, rows)
+
+
+def difference_table(result: dict, metric: str) -> str:
+    budgets = sorted({c["budget"] for c in result["cells"] if c["method"] == "eftnas"}, reverse=True)
+    rows = []
+    for method in BASELINES:
+        row = [f"eftnas − {METHODS[method]}"]
+        for budget in budgets:
+            difference = paired_difference(result, method, budget, metric)
+            row.append("-" if difference is None else f"{difference[0]:+.2f} ± {difference[1]:.2f}")
+        rows.append(row)
+    return common.markdown_table(["paired difference (points)", *(f"@ {b:g}" for b in budgets)], rows)
+
+
+def compute_table(result: dict) -> str:
+    rows = []
+    eftnas = [c for c in result["cells"] if c["method"] == "eftnas" and c["train_wall_s"] is not None]
+    if eftnas:
+        per_seed = {c["seed"]: c for c in eftnas}
+        walls = [c["train_wall_s"] for c in per_seed.values()]
+        stages = {s: statistics.mean(c["stage_walls"].get(s, 0.0) for c in per_seed.values()) for s in EFTNAS_STAGES}
+        rows.append(["eftnas (every budget at once)", common.format_duration(statistics.mean(walls)),
+                     ", ".join(f"{s} {common.format_duration(w)}" for s, w in stages.items())])
+    for method in TRAINED_PER_BUDGET:
+        # The polish's own fine-tune; its cells' train_wall_s include the eftnas pipeline too.
+        polish = method == "eftnas+polish"
+        wall_key, note = ("polish_wall_s", "one budget, on top of eftnas") if polish else ("train_wall_s", "one budget")
+        for budget in sorted({c["budget"] for c in result["cells"] if c["method"] == method}, reverse=True):
+            walls = [c[wall_key] for c in result["cells"] if c["method"] == method and c["budget"] == budget
+                     and c.get(wall_key) is not None]
+            if walls:
+                rows.append([f"{METHODS[method]} @ {budget:g}", common.format_duration(statistics.mean(walls)), note])
+    rows.append(["teacher (shared, once)", common.format_duration(result["teacher_wall_s"]), "finetune"])
+    return common.markdown_table(["what", "training wall time (mean over seeds)", "of which"], rows, align="lrl")
 
 
 def render_report(results: dict[str, dict], header: dict) -> str:
     lines = [
         "# Compression quality against baselines",
         "",
-        "Generated by `scripts/bench_quality.py`; the latest run:",
+        "Generated by `scripts/bench_quality.py` from `docs/benchmarks_quality.json`; the latest run:",
         "",
         *common.provenance_lines(header),
         "",
-        "Each task's table: the dense teacher, eftnas's best searched subnet per MACs budget, and four",
-        "baselines cut to the same budget: (a) the teacher pruned by one importance threshold, no",
-        "retraining; (b) that architecture fine-tuned with KD from the teacher for as many epochs as the",
-        "super-network; (c) the super-network at a uniform width in every layer (DynaBERT-style);",
-        "(d) evenly spaced full layers of the teacher (DistilBERT-style) fine-tuned with KD like (b).",
-        "MACs ratio: encoder MACs over the dense encoder's. Training wall time: eftnas and (c) = the",
-        "pipeline's finetune + importance + gen-space + train-supernet + search stages (export",
-        "excluded; per-stage times in the JSON); teacher = finetune; (a) = none; (b), (d) = their own",
-        "KD fine-tune, which needs the teacher on top.",
+        "Per task: one fine-tuned teacher, shared; per seed, everything after it (importance, space,",
+        "super-network, search, and every baseline) runs again. Cells are mean ± sd over seeds of the",
+        "validation score (x100) and, in brackets, the mean share of the teacher's. eftnas's subnet is",
+        "chosen on search rows held out of the train split; the validation split is read once per final",
+        "model. (a) the teacher pruned by one importance threshold, no retraining; (b) that architecture",
+        "fine-tuned with KD like the super-network; (c) the super-network at a uniform width;",
+        "(d) evenly spaced full layers of the teacher fine-tuned with KD like (b). (b) and (d) train",
+        "once per budget, so they run at the main budgets only.",
     ]
     for task, result in results.items():
-        provenance = result["provenance"]
         lines += [
             "",
             f"## {task.upper()}",
             "",
-            f"Validation split `{result['eval_split']}` ({result['eval_rows']} rows), {result['train_rows']} train rows, "
-            f"MACs at sequence length {result['macs_seq_len']} (dense encoder {result['full_gmacs']:.3g} GMACs); "
-            f"run `{result['run_dir']}`; produced by `{provenance['command']}` on {provenance['date']} "
-            f"({provenance['device']}).",
-            "",
-            task_table(result),
-            "",
-            "Targets:",
-            "",
-            common.targets_table([common.TargetCheck(**check) for check in result["targets"]]),
+            f"Validation split `{result['eval_split']}` ({result['eval_rows']} rows); {result['train_rows']} train rows, "
+            f"{result['search_rows']} search rows held out of train; seeds {', '.join(map(str, result['seeds']))}; "
+            f"MACs at sequence length {result['macs_seq_len']} (dense encoder {result['full_gmacs']:.3g} GMACs).",
         ]
+        for metric in metric_names(result):
+            lines += ["", f"{metric}:", "", score_table(task, result, metric)]
+        lines += ["", f"Paired differences ({result['metric']}, same seeds):", "", difference_table(result, result["metric"]),
+                  "", "Training cost:", "", compute_table(result),
+                  "", "Targets:", "", common.targets_table([common.TargetCheck(**c) for c in result["targets"]])]
     return "\n".join(lines) + "\n"
 
 
 def merge_results(json_path: Path, new: dict[str, dict]) -> dict[str, dict]:
-    """Earlier tasks of the JSON file plus this run's, which replace their own earlier rows."""
-    results = json.loads(json_path.read_text())["tasks"] if json_path.is_file() else {}
+    """Earlier tasks of the JSON file plus this run's (which replace their own), with the summary."""
+    results = json.loads(json_path.read_text()).get("tasks", {}) if json_path.is_file() else {}
     results.update(new)
-    write_json(json_path, {"tasks": results})
-    return results
+    summary = [entry for task, result in results.items() if "cells" in result for entry in summary_entries(task, result)]
+    write_json(json_path, {"summary": summary, "tasks": results})
+    return {task: result for task, result in results.items() if "cells" in result}
 
 
 # ---- command line --------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--tasks", nargs="+", default=["mrpc", "sst2", "cola"])
+    parser.add_argument("--tasks", nargs="+", default=["mrpc", "sst2"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.35],
-                        help="MACs fractions of the dense encoder")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                        help="default: cuda when available, else cpu")
-    parser.add_argument("--train-samples", type=int, default=None,
-                        help="train on a seeded random subset of this many rows (task.max_train_samples)")
+                        help="MACs fractions of the dense encoder, for every method")
+    parser.add_argument("--extra-budgets", nargs="*", type=float, default=[0.7, 0.25],
+                        help="budgets for the methods that need no training of their own (eftnas, a, c)")
+    parser.add_argument("--train-samples", nargs="*", default=[], metavar="TASK=N",
+                        help=f"train rows per task (default {DEFAULT_TRAIN_SAMPLES}; N=all for the whole split)")
+    parser.add_argument("--polish-epochs", type=float, default=1.0,
+                        help="KD fine-tune epochs of eftnas's subnets (eftnas + polish); 0 skips that method")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--out", type=Path, default=None, help=f"markdown report (default {DEFAULT_OUT})")
-    parser.add_argument("--run-root", type=Path, default=Path("runs/bench"), help="where the runs bench-<task> go")
-    parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE, help="the recipe each task's run derives from")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"tiny random model and data in a temp folder, task {SMOKE_TASK}, budget {SMOKE_BUDGET}")
+    parser.add_argument("--run-root", type=Path, default=None,
+                        help="where the runs go (default runs/bench; with --smoke a temporary folder)")
+    parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE, help="the recipe every run derives from")
+    parser.add_argument("--smoke", action="store_true", help="tiny random model and data in a temp folder")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, applied last")
     args = parser.parse_args(argv)
     # `--tasks mrpc key=value` hands the overrides to --tasks (nargs="+"): take them back.
@@ -518,18 +506,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [task for task in args.tasks if task not in TASKS]
     if unknown:
         parser.error(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
-    if any(not 0 < budget <= 1 for budget in args.budgets):
-        parser.error("--budgets are fractions of the dense MACs in (0, 1]")
+    if any(not 0 < budget <= 1 for budget in [*args.budgets, *args.extra_budgets]):
+        parser.error("budgets are fractions of the dense MACs in (0, 1]")
+    try:
+        args.train_samples = {task: None if n == "all" else int(n)
+                              for task, n in (item.split("=", 1) for item in args.train_samples)}
+    except ValueError:
+        parser.error("--train-samples takes TASK=N (N a number or 'all')")
     return args
-
-
-def bench_overrides(task: str, args: argparse.Namespace) -> list[str]:
-    budgets = json.dumps(args.budgets)
-    overrides = [f"task.name={task}", f"name=bench-{task}", f"output_dir={args.run_root}",
-                 f"search.budgets={budgets}", f"export.budgets={budgets}"]
-    if args.train_samples is not None:
-        overrides.append(f"task.max_train_samples={args.train_samples}")
-    return overrides + args.overrides
 
 
 def run(args: argparse.Namespace, scratch: Path | None) -> int:
@@ -537,25 +521,32 @@ def run(args: argparse.Namespace, scratch: Path | None) -> int:
         console.print("[red]error:[/red] --device cuda, but torch sees no GPU", soft_wrap=True)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    recipe_file = args.recipe
     if scratch is not None:
-        # The deploy formats are bench_speed's business; skipping them keeps the smoke run short.
-        recipe_file = common.write_smoke_recipe(
-            scratch, {"export.onnx": False, "export.openvino": False, "export.int8": False}, task=SMOKE_TASK)
-        args.tasks, args.budgets, args.run_root = [SMOKE_TASK], [SMOKE_BUDGET], scratch / "runs"
+        # A given --run-root keeps the smoke run (inputs included) for a re-run to resume.
+        root = args.run_root or scratch / "runs"
+        recipe = root / "inputs" / "recipe.yaml"
+        args.recipe = recipe if recipe.is_file() else common.write_smoke_recipe(
+            root / "inputs", {"task.search_fraction": 0.25}, task=SMOKE_TASK)
+        args.tasks, args.seeds, args.run_root = [SMOKE_TASK], SMOKE_SEEDS, root
+        args.budgets, args.extra_budgets, args.train_samples = SMOKE_BUDGETS, SMOKE_EXTRA_BUDGETS, {SMOKE_TASK: None}
         args.out = args.out or scratch / "benchmarks.md"
+    args.run_root = args.run_root or Path("runs/bench")
     out = args.out or DEFAULT_OUT
     json_path = out.with_name(f"{out.stem}_quality.json")
+    store = CellStore(out.with_name(f"{out.stem}_quality_cells.json"))
 
-    new_results = {}
+    checks = []
     for task in args.tasks:
-        new_results[task] = bench_task(task, recipe_file, bench_overrides(task, args), args.budgets, device)
+        result = bench_task(task, args, store, device)
+        result["provenance"] = common.provenance(device.type)
+        result["targets"] = [c.as_dict() for c in target_checks(task, result, args.budgets)]
+        checks += result["targets"]
         # Written after every task, so a later task's failure keeps the finished ones.
-        report = render_report(merge_results(json_path, {task: new_results[task]}), common.provenance(device.type))
+        report = render_report(merge_results(json_path, {task: result}), common.provenance(device.type))
         common.write_report(out, report)
     print(report)
     print(f"written: {out} and {json_path}")
-    common.print_target_summary([check for result in new_results.values() for check in result["targets"]])
+    common.print_target_summary(checks)
     return 0
 
 

@@ -1,0 +1,142 @@
+"""Super-network ablation: which training settings give the best subnets, judged on search rows.
+
+Every variant is the recipe (default configs/quickstart.yaml) plus a few overrides of the
+`supernet` section; each runs the pipeline through `search` in its own run directory
+(`<run-root>/<task>-<variant>-s<seed>`), all sharing one fine-tuned teacher. A variant is scored by
+the search's best subnet per budget on the search rows (held out of the train split: no stage
+trains on them, and the validation split is never read here), mean ± sd over seeds, with the
+super-network's training wall time beside it. Finished runs are kept, so a re-run only does what is
+missing (the bench can be spread over several sittings). Writes a markdown report and its JSON.
+
+    python scripts/bench_supernet.py [--task mrpc] [--seeds 0 1] [--variants ...] [--budgets 0.5 0.35]
+        [--recipe configs/quickstart.yaml] [--run-root runs/ablation] [--out docs/benchmarks_supernet.md]
+        [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import _bench_common as common
+
+from eftnas_cli import artifacts
+from eftnas_cli.recipe import load_recipe
+from eftnas_cli.rundir import RunDir, write_json
+from eftnas_cli.stages.pipeline import run_pipeline
+from eftnas_cli.ui import console
+
+DEFAULT_RECIPE = common.REPO_ROOT / "configs" / "quickstart.yaml"
+DEFAULT_OUT = Path("docs/benchmarks_supernet.md")
+BY = "bench_supernet.py"
+
+# Variant name -> recipe overrides (on top of the recipe and the command line's).
+VARIANTS = {
+    "recipe": [],
+    "hidden-kd": ["supernet.hidden_distillation_weight=1.0"],
+    "pretrained": ["supernet.start_from=pretrained"],
+    "cosine": ["supernet.lr_scheduler=cosine", "supernet.warmup=0"],
+    "lr-3e-5": ["supernet.learning_rate=3.0e-5"],
+    "random-2": ["supernet.num_random_subnets=2"],
+    "epochs-x2": [],  # filled in from the recipe's epochs
+}
+
+
+def variant_overrides(name: str, recipe_epochs: float) -> list[str]:
+    if name == "epochs-x2":
+        return [f"supernet.epochs={2 * recipe_epochs:g}"]
+    return VARIANTS[name]
+
+
+def teacher_run(args) -> str:
+    """The shared teacher's folder (fine-tuned once, in `<run-root>/<task>-teacher`)."""
+    recipe = load_recipe(args.recipe, [f"task.name={args.task}", f"name={args.task}-teacher",
+                                       f"output_dir={args.run_root}", *args.overrides])
+    run_pipeline(recipe, until="finetune")
+    return artifacts.teacher_folder(recipe, RunDir(recipe), by=BY)
+
+
+def run_variant(args, variant: str, seed: int, teacher: str) -> dict:
+    base = load_recipe(args.recipe, args.overrides)
+    overrides = [f"task.name={args.task}", f"name={args.task}-{variant}-s{seed}", f"output_dir={args.run_root}",
+                 f"seed={seed}", f"model.teacher={teacher}", f"search.budgets={args.budgets}",
+                 *args.overrides, *variant_overrides(variant, base.supernet.epochs)]
+    recipe = load_recipe(args.recipe, overrides)
+    console.rule(f"[bold]{variant}[/bold], seed {seed}")
+    run_pipeline(recipe, until="search")
+    run = RunDir(recipe)
+    pareto = artifacts.load_pareto(run, by=BY)
+    walls = {stage: record["wall_time_s"] for stage, record in run.manifest()["stages"].items()}
+    return {
+        "variant": variant, "seed": seed, "overrides": variant_overrides(variant, base.supernet.epochs),
+        "search_rows": pareto.eval_rows, "teacher_score": pareto.teacher["score"],
+        "best": {f"{b:g}": (pareto.best(b) or {}).get("score") for b in args.budgets},
+        "supernet_wall_s": walls.get("train-supernet"), "search_wall_s": walls.get("search"),
+    }
+
+
+def mean_sd(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.2f} ± {100 * sd:.2f}"
+
+
+def render(results: list[dict], args, header: dict) -> str:
+    budgets = [f"{b:g}" for b in args.budgets]
+    rows = []
+    for variant in args.variants:
+        cells = [r for r in results if r["variant"] == variant]
+        if not cells:
+            continue
+        rows.append([variant, " ".join(cells[0]["overrides"]) or "(the recipe)", str(len(cells)),
+                     *(mean_sd([c["best"][b] for c in cells]) for b in budgets),
+                     common.format_duration(statistics.mean(c["supernet_wall_s"] for c in cells))])
+    teacher = mean_sd([r["teacher_score"] for r in results])
+    table = common.markdown_table(["variant", "overrides", "seeds", *(f"best @ {b} (search rows)" for b in budgets),
+                                   "super-network wall time"], rows, align="llr" + "r" * len(budgets) + "r")
+    return "\n".join([
+        f"# Super-network ablation ({args.task.upper()})",
+        "",
+        *common.provenance_lines(header),
+        "",
+        f"Score = the search's best subnet within each MACs budget, on {results[0]['search_rows']} search rows held "
+        f"out of the train split (the teacher scores {teacher} there), mean ± sd over seeds. The validation split "
+        "is not read: these figures choose the defaults, `docs/benchmarks.md` reports the chosen ones.",
+        "",
+        table,
+    ]) + "\n"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--task", default="mrpc")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.35])
+    parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE)
+    parser.add_argument("--run-root", type=Path, default=Path("runs/ablation"))
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides for every variant")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    json_path = args.out.with_suffix(".json")
+    teacher = teacher_run(args)
+    results = []
+    for seed in args.seeds:
+        for variant in args.variants:
+            results.append(run_variant(args, variant, seed, teacher))
+            write_json(json_path, {"task": args.task, "results": results})
+            common.write_report(args.out, render(results, args, common.provenance("cpu")))
+    print(args.out.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
