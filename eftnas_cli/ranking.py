@@ -13,7 +13,8 @@ comparable on that scale by what they are worth per MAC, not by raw importance (
 - `taylor`: first-order Taylor importance of the fine-tuned teacher, no training. A gate of 1 on
   each unit's output has the gradient sum over the unit's weights of W·∂L/∂W; the importance is
   that gradient, squared per training row and summed (the loss increase its removal costs, to
-  second order), divided by the unit's MACs and turned into a MACs-weighted percentile.
+  second order), as a share of its layer's total, divided by the unit's MACs and turned into a
+  MACs-weighted percentile.
 """
 
 from __future__ import annotations
@@ -305,8 +306,15 @@ def taylor_importance(model: nn.Module, data: TaskData, section: ImportanceSecti
     from eftnas_cli.models import best_device
 
     head_sensitivity, neuron_sensitivity = taylor_sensitivity(model, data, section, best_device(run.device))
+    # Each unit's share of its layer's sensitivity (Molchanov et al. 2017 normalize per layer). The
+    # per-unit estimates add up only for small removals, and the last layers of a fine-tuned model
+    # show tiny gradients: raw, one global threshold empties them (MRPC at 35% of the MACs kept
+    # 1 head in each of the last two layers and no neuron, and fell to the majority class; per
+    # layer, 74.1 on held-out training rows). Heads and neurons of a layer keep their relation.
+    layer_total = (head_sensitivity.sum(1, keepdim=True) + neuron_sensitivity.sum(1, keepdim=True)).clamp_min(1e-30)
     head_macs, neuron_macs = unit_macs(model.config, section.seq_len)
-    heads, neurons = cost_weighted_percentiles(head_sensitivity, neuron_sensitivity, head_macs, neuron_macs)
+    heads, neurons = cost_weighted_percentiles(head_sensitivity / layer_total, neuron_sensitivity / layer_total,
+                                               head_macs, neuron_macs)
     return UnitRanking(heads, neurons, {"rows": min(section.taylor_rows, len(data.train))})
 
 

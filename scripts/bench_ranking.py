@@ -129,7 +129,9 @@ def random_ranking(config, seed: int) -> ranking.UnitRanking:
 
 
 class Cache:
-    """Finished cells (JSON) and computed rankings (safetensors beside it), keyed by what decides them."""
+    """Finished cells (JSON) and computed rankings (safetensors beside it). A cell is keyed by the
+    scores and subnet that decide it; a ranking by its settings, not by the code that computes it:
+    delete the cache after changing eftnas_cli/ranking.py."""
 
     def __init__(self, path: Path):
         self.path = path
