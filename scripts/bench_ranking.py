@@ -8,18 +8,17 @@ Each is cut two ways per budget: gen-space's (one global threshold over heads an
 layers, `space_pruner(...).within(budget)`) and `uniform` (the same number of heads and neurons in
 every layer, each layer keeping its top-ranked units).
 
-Honesty: the curve that chooses is measured on SEARCH ROWS held out of the training split: the last
---search-fraction of the train split in the recipe's seeded order, which neither the teacher nor
-any ranking saw (the recipe's `task.max_train_samples` must leave them out). The validation split
-is evaluated once, after everything else, and only reported.
+Honesty: the curve that chooses is measured on SEARCH ROWS, the `task.search_fraction` of the
+train split every stage holds out (at most --max-search-rows of them): neither the teacher nor any
+ranking saw them. The validation split is evaluated once, after everything else, and only reported.
 
     python scripts/bench_ranking.py --teacher runs/ranking/rank-mrpc --teacher runs/ranking/rank-sst2 \
         [--compare "movement (today)=runs/ranking-today/rank-{task}/importance/importance.safetensors"] \
-        [--budgets 0.9 0.7 0.5 0.35] [--search-fraction 0.12] [--max-search-rows 1000] [--random-seeds 3] \
+        [--budgets 0.9 0.7 0.5 0.35] [--max-search-rows 1000] [--random-seeds 3] \
         [--recipe configs/quickstart.yaml] [--out docs/benchmarks_ranking.md] [--device cpu] [--smoke] [key=value ...]
 
---teacher is a run directory (its recipe.yaml and finetune/model/ are used) or a model folder (the
-task then comes from --recipe and the overrides). Finished cells and computed rankings are cached
+--teacher is a run directory (finetune/model/, and the model, task and seed its finetune stage
+recorded) or a model folder fine-tuned on the rows --recipe and the overrides describe. Finished cells and computed rankings are cached
 (--cache, default runs/ranking/bench_ranking_cache.json): an interrupted run continues where it
 stopped. Writes the markdown report and a JSON of every figure next to it.
 """
@@ -40,13 +39,12 @@ import _bench_common as common
 common.hide_gpus_if_cpu_requested(sys.argv[1:])
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
 from eftnas_cli import elastic, ranking  # noqa: E402
 from eftnas_cli.artifacts import MODEL_FOLDER  # noqa: E402
-from eftnas_cli.data import load_task_data, recipe_task_data  # noqa: E402
+from eftnas_cli.data import recipe_task_data  # noqa: E402
 from eftnas_cli.errors import UserError  # noqa: E402
 from eftnas_cli.models import best_device, load_model, load_tokenizer  # noqa: E402
 from eftnas_cli.pruning import uniform_subnet  # noqa: E402
@@ -67,34 +65,27 @@ REFERENCE = "movement (today)"
 
 # ---- inputs --------------------------------------------------------------------------------------
 def teacher_and_recipe(path: Path, recipe_file: Path, overrides: list[str]) -> tuple[Path, Recipe]:
-    """The teacher's model folder and the recipe to rank it with: `recipe_file` and `overrides`,
-    with a run directory's own model, task and seed (which decided the rows the teacher saw)."""
+    """The teacher's model folder and the recipe to rank it with: `recipe_file` and `overrides`, with
+    a run directory's model, task and seed as its finetune stage recorded them (they decided the rows
+    the teacher saw; the run's recipe.yaml follows the latest stage)."""
     folder = path
-    if (path / "recipe.yaml").is_file():  # a run directory; its other sections are those of its time
-        saved = yaml.safe_load((path / "recipe.yaml").read_text())
-        overrides = [f"model={json.dumps(saved['model'])}", f"task={json.dumps(saved['task'])}",
-                     f"seed={saved['seed']}", *overrides]
+    if (path / "manifest.json").is_file():  # a run directory
+        record = json.loads((path / "manifest.json").read_text())["stages"].get("finetune")
+        if record is None:
+            raise UserError(f"{path} has no finetune stage: run `eftnas finetune` first, or pass a model folder")
+        shared = record["shared"]
+        if shared["task"].get("search_fraction", 0) == 0:
+            raise UserError(f"the teacher in {path} was fine-tuned on every training row (no task.search_fraction "
+                            "held out): fine-tune it again with the current eftnas")
+        overrides = [f"model={json.dumps(shared['model'])}", f"task={json.dumps(shared['task'])}",
+                     f"seed={shared['seed']}", *overrides]
         folder = path / "finetune" / MODEL_FOLDER
     recipe = load_recipe(recipe_file, overrides)
+    if recipe.task.search_fraction == 0:
+        raise UserError("task.search_fraction is 0: this benchmark chooses on held-out search rows, never on validation")
     if not (folder / "model.safetensors").is_file():
         raise UserError(f"no fine-tuned teacher at {folder}: run `eftnas finetune` first, or pass its model folder")
     return folder, recipe
-
-
-def search_rows(recipe: Recipe, tokenizer, fraction: float, max_rows: int):
-    """The last `fraction` of the train split in the recipe's seeded order (at most `max_rows` of
-    them): rows no stage trains on, as long as `task.max_train_samples` stops before them."""
-    task = recipe.task
-    full = load_task_data(task.name, tokenizer, data_dir=task.data_dir, max_seq_length=task.max_seq_length,
-                          seed=recipe.seed).train
-    held_out = max(1, int(len(full) * fraction))
-    trained = task.max_train_samples if task.max_train_samples is not None and task.max_train_samples < len(full) else len(full)
-    if trained > len(full) - held_out:
-        raise UserError(f"the teacher trained on {trained} of the {len(full)} {task.name} training rows, reaching into "
-                        f"the last {held_out} this benchmark holds out: set task.max_train_samples <= {len(full) - held_out}")
-    # load_task_data keeps the first max_train_samples rows of this same shuffle.
-    order = full.shuffle(seed=recipe.seed) if trained < len(full) else full
-    return order.select(range(len(full) - held_out, min(len(full), len(full) - held_out + max_rows)))
 
 
 def by_length(rows):
@@ -213,7 +204,7 @@ def bench_teacher(args, path: Path, cache: Cache, device: torch.device) -> dict:
     console.rule(f"[bold]{task}[/bold]: teacher {teacher_dir}")
     tokenizer = load_tokenizer(recipe.model.name)
     data = recipe_task_data(recipe, tokenizer)
-    splits = {"search": by_length(search_rows(recipe, tokenizer, args.search_fraction, args.max_search_rows)),
+    splits = {"search": by_length(data.search.select(range(min(args.max_search_rows, len(data.search))))),
               "validation": by_length(data.main_eval)}
     rankings = compute_rankings(args, recipe, teacher_dir, data, cache, device.type)
     teacher = load_model(str(teacher_dir), data.spec).to(device).eval()
@@ -353,9 +344,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compare", action="append", default=[], metavar="NAME=FILE",
                         help="another importance file to rank with; {task} in FILE is replaced by the task name")
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
-    parser.add_argument("--search-fraction", type=float, default=0.12)
     parser.add_argument("--max-search-rows", type=int, default=1000)
     parser.add_argument("--random-seeds", type=int, default=3)
+    parser.add_argument("--note", action="append", default=[], help="a line for the report (e.g. where a --compare file comes from)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -386,7 +377,8 @@ def run(args: argparse.Namespace, scratch: Path | None) -> int:
         args.overrides = ["importance.taylor_rows=16", *args.overrides]
     device = best_device(args.device)
     header = common.provenance(device.type, {"budgets": ", ".join(f"{b:g}" for b in args.budgets),
-                                             "search_fraction": args.search_fraction, "random_seeds": args.random_seeds})
+                                             "random_seeds": args.random_seeds,
+                                             **{f"note {index + 1}": note for index, note in enumerate(args.note)}})
     cache = Cache(args.cache)
     results = [bench_teacher(args, path, cache, device) for path in args.teacher]
     text, record = render(results, header, args.budgets)

@@ -124,3 +124,13 @@ def test_bench_speed_without_a_run_says_what_to_do(tmp_path):
     result = run_script("bench_speed.py", "--run", tmp_path / "missing")
     assert result.returncode == 2
     assert "make quickstart" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bench_ranking_smoke():
+    result = run_script("bench_ranking.py", "--smoke")
+    assert result.returncode == 0, result.stdout + result.stderr
+    curve = markdown_tables(result.stderr)[0]  # the report is printed on the console (stderr)
+    rankings = {row[0] for row in curve[1:]}
+    assert {"teacher (dense)", "taylor", "movement", "magnitude", "random"} <= rankings
+    assert {row[1] for row in curve[1:]} == {"-", "global", "uniform"}
+    assert "default by the search-row curve:" in result.stderr
