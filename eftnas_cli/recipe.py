@@ -83,7 +83,14 @@ class TrainingSection(Section):
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
 
 
-class FinetuneSection(TrainingSection):
+class ResumableTrainingSection(TrainingSection):
+    """A training stage that checkpoints as it goes and continues after a kill."""
+
+    checkpoint_minutes: float = Field(3.0, gt=0, description=(
+        "checkpoint after this much training time; a killed run continues from its last checkpoint"))
+
+
+class FinetuneSection(ResumableTrainingSection):
     pass
 
 
@@ -152,7 +159,7 @@ class SpaceSection(Section):
     seq_len: int = Field(128, ge=1, description="sequence length of the MACs count")
 
 
-class SupernetSection(TrainingSection):
+class SupernetSection(ResumableTrainingSection):
     epochs: float = 3.0
     start_from: Literal["teacher", "pretrained"] = "teacher"
     num_random_subnets: int = Field(1, ge=0, description="random subnets per step between largest and smallest")
@@ -160,8 +167,6 @@ class SupernetSection(TrainingSection):
     temperature: float = Field(2.0, gt=0)
     hidden_distillation_weight: float = Field(0.0, ge=0, description=(
         "weight of the MSE between the subnet's and the teacher's hidden states after each layer"))
-    checkpoint_minutes: float = Field(3.0, gt=0, description=(
-        "checkpoint after this much training time; a killed run continues from its last checkpoint"))
     save_steps: int | None = Field(None, ge=1, description="also checkpoint every N steps (tests, smoke runs)")
 
 

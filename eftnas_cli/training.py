@@ -4,6 +4,8 @@ callback, GLUE metrics for the Trainer, a plain evaluation loop, the distillatio
 
 from __future__ import annotations
 
+import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -13,9 +15,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 from eftnas_cli.data import TaskData, TaskSpec, compute_metrics, main_metric_value
-from eftnas_cli.recipe import SupernetSection, TrainingSection
+from eftnas_cli.recipe import Recipe, SupernetSection, TrainingSection
+from eftnas_cli.rundir import sha256
 from eftnas_cli.ui import console, progress
 
 # A save step that never comes: a run whose final weights are the result keeps no checkpoints.
@@ -92,6 +96,46 @@ class CheckpointEvery(TrainerCallback):
         if time.monotonic() - self.last >= self.seconds:
             control.should_save = True
             self.last = time.monotonic()
+
+
+def training_fingerprint(recipe: Recipe, section: str, inputs: list[Path]) -> dict:
+    """What a stage's checkpoint must have been trained with to be continued: the recipe's
+    `section`, the shared settings, and the hashes of the files the stage reads."""
+    return {section: getattr(recipe, section).model_dump(mode="json"), "seed": recipe.seed,
+            "model": recipe.model.model_dump(mode="json"), "task": recipe.task.model_dump(mode="json"),
+            "inputs": {str(path): sha256(path) for path in inputs}}
+
+
+class ResumableCheckpoints:
+    """A training stage's Trainer checkpoints, kept in `<run>/checkpoints/<stage>/` rather than in
+    the stage's temporary folder so that they outlive a killed process. A fingerprint beside them
+    (the recipe settings and input hashes the training depends on) decides whether a new run may
+    continue them: checkpoints of any other run are removed, never resumed."""
+
+    FINGERPRINT = "fingerprint.json"
+
+    def __init__(self, run_path: Path, stage: str, fingerprint: dict):
+        self.folder = Path(run_path) / "checkpoints" / stage
+        self.fingerprint = fingerprint
+
+    def open(self) -> str | None:
+        """The latest checkpoint to continue from (None: start afresh); readies the folder."""
+        last = None
+        if self.folder.is_dir():
+            recorded = self.folder / self.FINGERPRINT
+            if recorded.is_file() and json.loads(recorded.read_text()) == self.fingerprint:
+                last = get_last_checkpoint(str(self.folder))
+            else:
+                shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / self.FINGERPRINT).write_text(json.dumps(self.fingerprint, indent=2, sort_keys=True))
+        return last
+
+    def remove(self) -> None:
+        """Once the stage's result is saved, the checkpoints have served."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+        if self.folder.parent.is_dir() and not any(self.folder.parent.iterdir()):
+            self.folder.parent.rmdir()
 
 
 class QuietTrainer(Trainer):

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-import shutil
+from transformers import set_seed
 
+from eftnas_cli.artifacts import model_files
 from eftnas_cli.data import recipe_task_data
-from eftnas_cli.models import load_model, load_tokenizer, save_model
+from eftnas_cli.models import load_model, load_tokenizer, resolve_model, save_model
 from eftnas_cli.recipe import Recipe
 from eftnas_cli.rundir import RunDir, holds_lock, write_json
-from eftnas_cli.training import QuietTrainer, RichProgress, evaluate, trainer_metrics, training_arguments
+from eftnas_cli.training import (CheckpointEvery, QuietTrainer, ResumableCheckpoints, RichProgress, evaluate,
+                                 trainer_metrics, training_arguments, training_fingerprint)
 from eftnas_cli.ui import console
 
 
 @holds_lock("finetune")
 def finetune(recipe: Recipe) -> dict:
-    """Fine-tune `recipe.model` on `recipe.task`; writes `finetune/model` and `finetune/metrics.json`."""
+    """Fine-tune `recipe.model` on `recipe.task`; writes `finetune/model` and `finetune/metrics.json`.
+
+    Checkpoints each epoch (the best one on the search rows is kept) and every
+    `finetune.checkpoint_minutes`; a killed run continues from its last checkpoint when started
+    again with the same recipe."""
     run = RunDir(recipe)
     run.check_same_recipe()
     if recipe.model.teacher:
@@ -22,23 +28,27 @@ def finetune(recipe: Recipe) -> dict:
         return {}
     tokenizer = load_tokenizer(recipe.model.name)
     data = recipe_task_data(recipe, tokenizer)
+    set_seed(recipe.seed)  # the fresh classifier head: the same one every run, whatever ran before
     model = load_model(recipe.model.name, data.spec)
     section = recipe.finetune
+    fingerprint = training_fingerprint(recipe, "finetune", model_files(resolve_model(recipe.model.name)))
+    checkpoints = ResumableCheckpoints(run.path, "finetune", fingerprint)
+    last_checkpoint = checkpoints.open()
+    if last_checkpoint is not None:
+        console.print(f"finetune: continuing from {last_checkpoint}", soft_wrap=True)
     with run.stage("finetune") as out:
-        checkpoints = out.dir / "checkpoints"
         trainer = QuietTrainer(
             model=model,
-            args=training_arguments(section, checkpoints, recipe.seed, device=recipe.device, main_metric="score"),
+            args=training_arguments(section, checkpoints.folder, recipe.seed, device=recipe.device, main_metric="score"),
             train_dataset=data.train,
             eval_dataset=data.search,  # the best epoch is chosen on search rows, not validation
             data_collator=data.collator,
             processing_class=tokenizer,
             compute_metrics=trainer_metrics(data.spec),
-            callbacks=[RichProgress(f"fine-tuning {recipe.model.name} on {data.spec.name}")],
+            callbacks=[RichProgress(f"fine-tuning {recipe.model.name} on {data.spec.name}"),
+                       CheckpointEvery(section.checkpoint_minutes)],
         )
-        trainer.train()
-        # The Trainer's checkpoints only served to keep the best epoch; the stage keeps one model.
-        shutil.rmtree(checkpoints, ignore_errors=True)
+        trainer.train(resume_from_checkpoint=last_checkpoint)
         metrics = {
             split: evaluate(trainer.model, dataset, data.collator, data.spec, section.eval_batch_size)
             for split, dataset in data.eval.items()
@@ -46,5 +56,6 @@ def finetune(recipe: Recipe) -> dict:
         save_model(trainer.model, tokenizer, out.dir / "model")
         write_json(out.dir / "metrics.json", metrics)
         out.metrics = metrics
+    checkpoints.remove()  # the stage keeps one model, the best epoch's
     console.print(f"finetune: teacher saved to {run.stage_dir('finetune') / 'model'}")
     return metrics

@@ -8,26 +8,30 @@ fine-tuned teacher (KL on temperature-scaled logits, MSE for regression) plus th
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from eftnas_cli import artifacts, elastic
 from eftnas_cli.data import recipe_task_data
 from eftnas_cli.errors import UserError
 from eftnas_cli.models import load_model, load_tokenizer, save_model
 from eftnas_cli.recipe import Recipe
-from eftnas_cli.rundir import RunDir, holds_lock, sha256, write_json
+from eftnas_cli.rundir import RunDir, holds_lock, write_json
 from eftnas_cli.supernet import Supernet
-from eftnas_cli.training import CheckpointEvery, DistillationTrainer, RichProgress, training_arguments
+from eftnas_cli.training import (
+    CheckpointEvery,
+    DistillationTrainer,
+    ResumableCheckpoints,
+    RichProgress,
+    training_arguments,
+    training_fingerprint,
+)
 from eftnas_cli.ui import console
 
 BY = "train-supernet"
-CHECKPOINT_FINGERPRINT = "fingerprint.json"  # beside the checkpoints: the run they belong to
 
 
 def probe_subnets(space: elastic.SearchSpace) -> dict[str, elastic.Subnet]:
@@ -86,26 +90,6 @@ class ProbeEvaluation(TrainerCallback):
         console.print(f"  epoch {state.epoch:.2f}: " + ", ".join(f"{k} {v['score']:.4f}" for k, v in results.items()))
 
 
-def _checkpoint_fingerprint(recipe: Recipe, inputs: list) -> dict:
-    """What a checkpoint must have been trained with to be continued: the recipe (section and
-    shared settings) and the hashes of the files the stage reads."""
-    return {"supernet": recipe.supernet.model_dump(mode="json"), "seed": recipe.seed,
-            "model": recipe.model.model_dump(mode="json"), "task": recipe.task.model_dump(mode="json"),
-            "inputs": {str(path): sha256(path) for path in inputs}}
-
-
-def _last_checkpoint(checkpoints, fingerprint: dict) -> str | None:
-    """The latest checkpoint of an interrupted run with the same fingerprint; checkpoints of any
-    other run (changed recipe or inputs) are removed."""
-    if not checkpoints.is_dir():
-        return None
-    recorded = checkpoints / CHECKPOINT_FINGERPRINT
-    if recorded.is_file() and json.loads(recorded.read_text()) == fingerprint:
-        return get_last_checkpoint(str(checkpoints))
-    shutil.rmtree(checkpoints)
-    return None
-
-
 @holds_lock("train-supernet")
 def train_supernet(recipe: Recipe, resume: bool = False) -> dict:
     """Writes `supernet/model` (reordered full-size weights) with its `search_space.json`.
@@ -120,15 +104,12 @@ def train_supernet(recipe: Recipe, resume: bool = False) -> dict:
     teacher_dir = artifacts.teacher_folder(recipe, run, by=BY)
     source = artifacts.start_weights(recipe, run, section.start_from, by=BY)
     inputs = [importance.path, space_file, *artifacts.model_files(teacher_dir), *artifacts.model_files(source)]
-    checkpoints = run.path / "checkpoints" / "supernet"
-    fingerprint = _checkpoint_fingerprint(recipe, inputs)
-    last_checkpoint = _last_checkpoint(checkpoints, fingerprint)
+    checkpoints = ResumableCheckpoints(run.path, "supernet", training_fingerprint(recipe, "supernet", inputs))
+    last_checkpoint = checkpoints.open()
     if resume and last_checkpoint is None:
-        raise UserError(f"--resume: no checkpoint of this recipe in {checkpoints}; start without --resume")
+        raise UserError(f"--resume: no checkpoint of this recipe in {checkpoints.folder}; start without --resume")
     if last_checkpoint is not None:
         console.print(f"train-supernet: continuing from {last_checkpoint}", soft_wrap=True)
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    write_json(checkpoints / CHECKPOINT_FINGERPRINT, fingerprint)
 
     tokenizer = load_tokenizer(recipe.model.name)
     data = recipe_task_data(recipe, tokenizer)
@@ -140,7 +121,7 @@ def train_supernet(recipe: Recipe, resume: bool = False) -> dict:
             out.add_input(path)
         trainer = SandwichTrainer(
             model=supernet.model,
-            args=training_arguments(section, checkpoints, recipe.seed, device=recipe.device,
+            args=training_arguments(section, checkpoints.folder, recipe.seed, device=recipe.device,
                                     save_steps=section.save_steps),
             train_dataset=data.train,
             data_collator=data.collator,
@@ -167,9 +148,6 @@ def train_supernet(recipe: Recipe, resume: bool = False) -> dict:
             "probe_gmacs": {name: supernet.macs(subnet) / 1e9 for name, subnet in probes.probes.items()},
         }
         write_json(out.dir / "metrics.json", out.metrics)
-    # The finished super-network is saved; the resumable checkpoints are no longer needed.
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    if not any(checkpoints.parent.iterdir()):
-        checkpoints.parent.rmdir()
+    checkpoints.remove()
     console.print("super-network: " + ", ".join(f"{k} {v['score']:.4f}" for k, v in final.items()))
     return out.metrics
