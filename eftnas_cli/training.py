@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from eftnas_cli.data import TaskData, TaskSpec, compute_metrics, main_metric_value
 from eftnas_cli.recipe import Recipe, SupernetSection, TrainingSection
@@ -124,12 +125,24 @@ class ResumableCheckpoints:
         if self.folder.is_dir():
             recorded = self.folder / self.FINGERPRINT
             if recorded.is_file() and json.loads(recorded.read_text()) == self.fingerprint:
-                last = get_last_checkpoint(str(self.folder))
+                last = self._last_complete()
             else:
                 shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / self.FINGERPRINT).write_text(json.dumps(self.fingerprint, indent=2, sort_keys=True))
         return last
+
+    def _last_complete(self) -> str | None:
+        """The latest checkpoint written to its end; removes any a kill cut short. The Trainer
+        writes `trainer_state.json` last, so a checkpoint without a readable one is incomplete."""
+        complete = []
+        for checkpoint in self.folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+            try:
+                json.loads((checkpoint / TRAINER_STATE_NAME).read_text())
+                complete.append(checkpoint)
+            except (OSError, ValueError):
+                shutil.rmtree(checkpoint)
+        return str(max(complete, key=lambda c: int(c.name.rpartition("-")[2]))) if complete else None
 
     def remove(self) -> None:
         """Once the stage's result is saved, the checkpoints have served."""

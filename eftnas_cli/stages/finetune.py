@@ -9,8 +9,16 @@ from eftnas_cli.data import recipe_task_data
 from eftnas_cli.models import load_model, load_tokenizer, resolve_model, save_model
 from eftnas_cli.recipe import Recipe
 from eftnas_cli.rundir import RunDir, holds_lock, write_json
-from eftnas_cli.training import (CheckpointEvery, QuietTrainer, ResumableCheckpoints, RichProgress, evaluate,
-                                 trainer_metrics, training_arguments, training_fingerprint)
+from eftnas_cli.training import (
+    CheckpointEvery,
+    QuietTrainer,
+    ResumableCheckpoints,
+    RichProgress,
+    evaluate,
+    trainer_metrics,
+    training_arguments,
+    training_fingerprint,
+)
 from eftnas_cli.ui import console
 
 
@@ -34,8 +42,8 @@ def finetune(recipe: Recipe) -> dict:
     fingerprint = training_fingerprint(recipe, "finetune", model_files(resolve_model(recipe.model.name)))
     checkpoints = ResumableCheckpoints(run.path, "finetune", fingerprint)
     last_checkpoint = checkpoints.open()
-    if last_checkpoint is not None:
-        console.print(f"finetune: continuing from {last_checkpoint}", soft_wrap=True)
+    console.print(f"finetune: continuing from {last_checkpoint}" if last_checkpoint else
+                  "finetune: starting (no checkpoint of this recipe yet)", soft_wrap=True)
     with run.stage("finetune") as out:
         trainer = QuietTrainer(
             model=model,

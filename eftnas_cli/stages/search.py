@@ -236,6 +236,8 @@ def search(recipe: Recipe, storage: str | None = None) -> dict:
     # Trials count distinct subnets: NSGA-II re-proposes subnets it has seen, which cost no
     # evaluation (their first values are copied) and do not use up the budget of trials.
     wanted = min(section.trials, supernet.space.size())
+    console.print(f"search: continuing the study, {len(objective.seen)} of {wanted} subnets already evaluated"
+                  if objective.seen else f"search: starting a study of {wanted} subnets")
     with progress() as bar:
         task = bar.add_task("NSGA-II search", total=wanted, completed=len(objective.seen), status="")
 

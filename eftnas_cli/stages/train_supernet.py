@@ -108,8 +108,8 @@ def train_supernet(recipe: Recipe, resume: bool = False) -> dict:
     last_checkpoint = checkpoints.open()
     if resume and last_checkpoint is None:
         raise UserError(f"--resume: no checkpoint of this recipe in {checkpoints.folder}; start without --resume")
-    if last_checkpoint is not None:
-        console.print(f"train-supernet: continuing from {last_checkpoint}", soft_wrap=True)
+    console.print(f"train-supernet: continuing from {last_checkpoint}" if last_checkpoint else
+                  "train-supernet: starting (no checkpoint of this recipe yet)", soft_wrap=True)
 
     tokenizer = load_tokenizer(recipe.model.name)
     data = recipe_task_data(recipe, tokenizer)

@@ -1,0 +1,165 @@
+"""Killed or interrupted stages continue where they stopped (#11): finetune from its checkpoints,
+search from its study (train-supernet's own tests are in test_train_supernet.py)."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from eftnas_cli.recipe import load_recipe
+from eftnas_cli.stages.finetune import finetune
+from eftnas_cli.stages.pipeline import run_pipeline
+from eftnas_cli.training import QuietTrainer
+
+# A checkpoint after every step: checkpoint_minutes is wall time, and a tiny step takes milliseconds.
+EVERY_STEP = "finetune.checkpoint_minutes=1e-6"
+
+
+def teacher_weights(recipe) -> dict[str, torch.Tensor]:
+    return load_file(str(recipe.run_dir / "finetune" / "model" / "model.safetensors"))
+
+
+def crash_at_step(monkeypatch, step: int) -> None:
+    original = QuietTrainer.training_step
+
+    def step_then_crash(self, *args, **kwargs):
+        if self.state.global_step == step:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(QuietTrainer, "training_step", step_then_crash)
+
+
+def record_resumes(monkeypatch) -> list:
+    """The checkpoint each later `train()` call continues from (None: from the start)."""
+    resumed_from = []
+    original_train = QuietTrainer.train
+
+    def record_train(self, *args, resume_from_checkpoint=None, **kwargs):
+        resumed_from.append(resume_from_checkpoint)
+        return original_train(self, *args, resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    monkeypatch.setattr(QuietTrainer, "train", record_train)
+    return resumed_from
+
+
+def test_interrupted_finetune_continues_where_it_stopped(write_recipe, monkeypatch):
+    path = write_recipe()
+    uninterrupted = load_recipe(path, ["name=straight", EVERY_STEP])
+    finetune(uninterrupted)
+
+    recipe = load_recipe(path, ["name=interrupted", EVERY_STEP])
+    checkpoints = recipe.run_dir / "checkpoints" / "finetune"
+    crash_at_step(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(recipe)
+    assert (checkpoints / "checkpoint-5").is_dir()
+    assert not (recipe.run_dir / "finetune").exists()  # nothing half-written in the stage folder
+    monkeypatch.undo()
+
+    resumed_from = record_resumes(monkeypatch)
+    finetune(recipe)
+    assert resumed_from == [str(checkpoints / "checkpoint-5")]
+    assert not (recipe.run_dir / "checkpoints").exists()  # the checkpoints served and are gone
+    straight, resumed = teacher_weights(uninterrupted), teacher_weights(recipe)
+    # Resuming restores the optimizer, scheduler, data order and RNG: the same teacher up to float noise.
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-5, msg=name)
+
+
+def test_checkpoints_of_another_recipe_are_not_continued(write_recipe, monkeypatch):
+    path = write_recipe()
+    recipe = load_recipe(path, [EVERY_STEP])
+    checkpoints = recipe.run_dir / "checkpoints" / "finetune"
+    crash_at_step(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(recipe)
+    monkeypatch.undo()
+    assert (checkpoints / "checkpoint-3").is_dir()
+
+    changed = load_recipe(path, [EVERY_STEP, "finetune.learning_rate=5e-4"])
+    resumed_from = record_resumes(monkeypatch)
+    finetune(changed)
+    assert resumed_from == [None]
+    assert (recipe.run_dir / "finetune" / "model" / "model.safetensors").is_file()
+
+
+def last_complete_step(checkpoints) -> int:
+    """The step of the latest checkpoint written to its end (the kill may cut the next one short)."""
+    return max(int(p.parent.name.removeprefix("checkpoint-")) for p in checkpoints.glob("checkpoint-*/trainer_state.json"))
+
+
+def cli(stage: str, recipe_file, *overrides) -> list[str]:
+    return [sys.executable, "-m", "eftnas_cli.cli", stage, str(recipe_file), *overrides]
+
+
+def kill_when(command: list[str], ready, timeout_s: float = 300) -> None:
+    """Start `command`, SIGKILL it as soon as `ready()` holds; fail if it ended before."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_s
+    while not ready() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the stage finished before it could be killed"
+
+
+def test_finetune_killed_with_sigkill_continues_on_the_same_command(write_recipe):
+    path = write_recipe({"finetune.epochs": 6})
+    recipe = load_recipe(path)
+    checkpoints = recipe.run_dir / "checkpoints" / "finetune"
+    command = cli("finetune", path, EVERY_STEP)
+    kill_when(command, lambda: (checkpoints / "checkpoint-4").is_dir())
+    killed_at = last_complete_step(checkpoints)
+
+    second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"continuing from {checkpoints / f'checkpoint-{killed_at}'}" in " ".join(second.stderr.split())
+    assert (recipe.run_dir / "finetune" / "model" / "model.safetensors").is_file()
+    assert not checkpoints.exists()
+
+
+def finished_trials(database) -> int:
+    storage = f"sqlite:///{database}"
+    try:
+        names = optuna.study.get_all_study_names(storage)
+        return sum(len(optuna.load_study(study_name=n, storage=storage).get_trials(
+            deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])) for n in names)
+    except Exception:  # the killed writer's database may be mid-creation
+        return 0
+
+
+def test_search_killed_with_sigkill_continues_its_study(write_recipe):
+    path = write_recipe({"search.population": 4, "search.trials": 40})
+    recipe = load_recipe(path)
+    run_pipeline(recipe, until="train-supernet")
+    database = recipe.run_dir / "studies" / "search.db"
+    command = cli("search", path)
+    kill_when(command, lambda: database.is_file() and finished_trials(database) >= 3)
+    kept = finished_trials(database)
+
+    second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    said = " ".join(second.stderr.split())
+    assert "search: continuing the study," in said
+    assert int(said.split("search: continuing the study, ")[1].split(" of ")[0]) >= kept
+    assert (recipe.run_dir / "search" / "pareto.json").is_file()
+
+
+def test_a_checkpoint_cut_short_by_a_kill_is_skipped_and_removed(tmp_path):
+    from eftnas_cli.training import ResumableCheckpoints
+
+    checkpoints = ResumableCheckpoints(tmp_path, "finetune", {"recipe": 1})
+    checkpoints.open()
+    for step, state in [(4, '{"global_step": 4}'), (8, '{"global_st'), (12, None)]:
+        (checkpoints.folder / f"checkpoint-{step}").mkdir()
+        if state is not None:  # 8: killed while writing its state; 12: killed before
+            (checkpoints.folder / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    assert checkpoints.open() == str(checkpoints.folder / "checkpoint-4")
+    assert sorted(p.name for p in checkpoints.folder.glob("checkpoint-*")) == ["checkpoint-4"]
+    assert ResumableCheckpoints(tmp_path, "finetune", {"recipe": 2}).open() is None  # another recipe's
+    assert not list(checkpoints.folder.glob("checkpoint-*"))
