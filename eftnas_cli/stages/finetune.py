@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+from eftnas_cli import distributed
 from eftnas_cli.data import recipe_task_data
 from eftnas_cli.models import load_model, load_tokenizer, save_model
 from eftnas_cli.recipe import Recipe
@@ -21,7 +22,8 @@ def finetune(recipe: Recipe) -> dict:
         console.print(f"finetune: skipped, the recipe names a fine-tuned teacher ({recipe.model.teacher})")
         return {}
     tokenizer = load_tokenizer(recipe.model.name)
-    data = recipe_task_data(recipe, tokenizer)
+    with distributed.main_first():  # the main process fills the tokenization cache
+        data = recipe_task_data(recipe, tokenizer)
     model = load_model(recipe.model.name, data.spec)
     section = recipe.finetune
     with run.stage("finetune") as out:
@@ -37,14 +39,16 @@ def finetune(recipe: Recipe) -> dict:
             callbacks=[RichProgress(f"fine-tuning {recipe.model.name} on {data.spec.name}")],
         )
         trainer.train()
-        # The Trainer's checkpoints only served to keep the best epoch; the stage keeps one model.
-        shutil.rmtree(checkpoints, ignore_errors=True)
+        distributed.barrier()  # every rank has loaded the best epoch's checkpoint
         metrics = {
             split: evaluate(trainer.model, dataset, data.collator, data.spec, section.eval_batch_size)
             for split, dataset in data.eval.items()
         }
-        save_model(trainer.model, tokenizer, out.dir / "model")
-        write_json(out.dir / "metrics.json", metrics)
         out.metrics = metrics
+        if out.writes:
+            # The Trainer's checkpoints only served to keep the best epoch; the stage keeps one model.
+            shutil.rmtree(checkpoints, ignore_errors=True)
+            save_model(trainer.model, tokenizer, out.dir / "model")
+            write_json(out.dir / "metrics.json", metrics)
     console.print(f"finetune: teacher saved to {run.stage_dir('finetune') / 'model'}")
     return metrics

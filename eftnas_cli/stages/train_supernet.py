@@ -8,15 +8,17 @@ fine-tuned teacher (KL on temperature-scaled logits, MSE for regression) plus th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 
 import numpy as np
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from eftnas_cli import artifacts, elastic
+from eftnas_cli import artifacts, distributed, elastic
 from eftnas_cli.data import recipe_task_data
 from eftnas_cli.errors import UserError
 from eftnas_cli.models import load_model, load_tokenizer, save_model
@@ -37,7 +39,12 @@ def probe_subnets(space: elastic.SearchSpace) -> dict[str, elastic.Subnet]:
 
 
 class SandwichTrainer(DistillationTrainer):
-    """A DistillationTrainer whose step backpropagates largest + random + smallest subnets."""
+    """A DistillationTrainer whose step backpropagates largest + random + smallest subnets.
+
+    In a multi-process (DDP) run every rank trains the same subnets (sampled from the seed and the
+    step) on its share of the batch, and the gradients are all-reduced once per optimizer step: the
+    backward passes before the last run under `no_sync` and only accumulate locally.
+    """
 
     def __init__(self, *args, supernet: Supernet, num_random_subnets: int, seed: int, **kwargs):
         super().__init__(*args, **kwargs)
@@ -57,11 +64,14 @@ class SandwichTrainer(DistillationTrainer):
         subnets = self.step_subnets()
         scale = len(subnets) * self.current_gradient_accumulation_steps
         total = torch.zeros((), device=self.args.device)
-        for subnet in subnets:
+        for index, subnet in enumerate(subnets):
             self.supernet.activate(subnet)
-            with self.compute_loss_context_manager():
-                loss, _ = self.student_loss(model, inputs, labels, teacher_outputs)
-            self.accelerator.backward(loss / scale)
+            # DDP decides in the forward whether the backward all-reduces: both go under no_sync.
+            last = index == len(subnets) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                with self.compute_loss_context_manager():
+                    loss, _ = self.student_loss(model, inputs, labels, teacher_outputs)
+                self.accelerator.backward(loss / scale)
             total += loss.detach() / scale
         self.supernet.activate(self.supernet.largest())
         return total
@@ -81,7 +91,7 @@ class ProbeEvaluation(TrainerCallback):
                 for name, subnet in self.probes.items()}
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        results = self.evaluate_probes()
+        results = self.evaluate_probes()  # every rank: each evaluates its share of the rows
         self.history.append({"epoch": round(state.epoch, 2), **{k: v["score"] for k, v in results.items()}})
         console.print(f"  epoch {state.epoch:.2f}: " + ", ".join(f"{k} {v['score']:.4f}" for k, v in results.items()))
 
@@ -101,9 +111,21 @@ def _last_checkpoint(checkpoints, fingerprint: dict) -> str | None:
         return None
     recorded = checkpoints / CHECKPOINT_FINGERPRINT
     if recorded.is_file() and json.loads(recorded.read_text()) == fingerprint:
-        return get_last_checkpoint(str(checkpoints))
+        # The Trainer writes a checkpoint in place, its state file last: a run killed while saving
+        # leaves a checkpoint without one, and continues from the one before.
+        complete = [folder for folder in checkpoints.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                    if (folder / TRAINER_STATE_NAME).is_file()]
+        return str(max(complete, key=lambda folder: int(folder.name.rpartition("-")[2]))) if complete else None
     shutil.rmtree(checkpoints)
     return None
+
+
+def _prepare_checkpoints(checkpoints, fingerprint: dict) -> str | None:
+    """The checkpoint to continue from (None: start afresh), with the folder ready for new ones."""
+    last_checkpoint = _last_checkpoint(checkpoints, fingerprint)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    write_json(checkpoints / CHECKPOINT_FINGERPRINT, fingerprint)
+    return last_checkpoint
 
 
 @holds_lock("train-supernet")
@@ -122,16 +144,16 @@ def train_supernet(recipe: Recipe, resume: bool = False) -> dict:
     inputs = [importance.path, space_file, *artifacts.model_files(teacher_dir), *artifacts.model_files(source)]
     checkpoints = run.path / "checkpoints" / "supernet"
     fingerprint = _checkpoint_fingerprint(recipe, inputs)
-    last_checkpoint = _last_checkpoint(checkpoints, fingerprint)
+    # The main process decides which checkpoint every rank continues from (and clears stale ones).
+    last_checkpoint = distributed.on_main(lambda: _prepare_checkpoints(checkpoints, fingerprint))
     if resume and last_checkpoint is None:
         raise UserError(f"--resume: no checkpoint of this recipe in {checkpoints}; start without --resume")
     if last_checkpoint is not None:
         console.print(f"train-supernet: continuing from {last_checkpoint}", soft_wrap=True)
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    write_json(checkpoints / CHECKPOINT_FINGERPRINT, fingerprint)
 
     tokenizer = load_tokenizer(recipe.model.name)
-    data = recipe_task_data(recipe, tokenizer)
+    with distributed.main_first():  # the main process fills the tokenization cache
+        data = recipe_task_data(recipe, tokenizer)
     supernet = Supernet.build(source, data.spec, importance, elastic.SearchSpace.load(space_file))
     teacher = load_model(teacher_dir, data.spec)
     probes = ProbeEvaluation(supernet, data, section.eval_batch_size)
@@ -158,18 +180,19 @@ def train_supernet(recipe: Recipe, resume: bool = False) -> dict:
         )
         trainer.train(resume_from_checkpoint=last_checkpoint)
         final = probes.evaluate_probes()  # leaves the largest subnet active, the one saved
-        folder = out.dir / artifacts.MODEL_FOLDER
-        save_model(supernet.model, tokenizer, folder)
-        shutil.copy(space_file, out.dir / artifacts.SPACE_FILE)
         out.metrics = {
             "final": final,
             "history": probes.history,
             "probe_gmacs": {name: supernet.macs(subnet) / 1e9 for name, subnet in probes.probes.items()},
         }
-        write_json(out.dir / "metrics.json", out.metrics)
-    # The finished super-network is saved; the resumable checkpoints are no longer needed.
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    if not any(checkpoints.parent.iterdir()):
-        checkpoints.parent.rmdir()
+        if out.writes:
+            save_model(supernet.model, tokenizer, out.dir / artifacts.MODEL_FOLDER)
+            shutil.copy(space_file, out.dir / artifacts.SPACE_FILE)
+            write_json(out.dir / "metrics.json", out.metrics)
+    if distributed.is_main():
+        # The finished super-network is saved; the resumable checkpoints are no longer needed.
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        if not any(checkpoints.parent.iterdir()):
+            checkpoints.parent.rmdir()
     console.print("super-network: " + ", ".join(f"{k} {v['score']:.4f}" for k, v in final.items()))
     return out.metrics
