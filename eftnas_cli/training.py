@@ -82,7 +82,8 @@ def training_arguments(
         logging_steps=10,
         seed=seed,
         report_to="none",
-        use_cpu=device == "cpu",
+        # Also without a GPU: accelerate runs a multi-process CPU run (gloo) only when told "cpu".
+        use_cpu=device == "cpu" or not torch.cuda.is_available(),
         disable_tqdm=True,
         dataloader_num_workers=0,
         dataloader_pin_memory=device != "cpu" and torch.cuda.is_available(),  # page-locked rows copy to the GPU faster
@@ -110,11 +111,18 @@ class CheckpointEvery(TrainerCallback):
 
 
 class QuietTrainer(Trainer):
-    """A Trainer that reports through `RichProgress` only (no raw log dicts on the terminal)."""
+    """A Trainer that reports through `RichProgress` only (no raw log dicts on the terminal).
+
+    The models' losses are per-batch means: a sequence-classification head takes the Trainer's
+    `num_items_in_batch` in its `**kwargs` but does not divide by it. Left to believe it does, the
+    Trainer would skip the division by the gradient-accumulation steps and, with N processes,
+    multiply every rank's loss by N (doubling the task gradient against movement's L1 pull on 2).
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.remove_callback(PrinterCallback)
+        self.model_accepts_loss_kwargs = False
 
 
 class RichProgress(TrainerCallback):
