@@ -57,7 +57,7 @@ def upstream(tmp_path_factory) -> Path:
     model = make_tiny_model(root / "model", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     glue = make_tiny_glue_dir(root / "glue", "mrpc", n_train=72, n_eval=32)
     recipe_file = write_tiny_recipe(root / "recipe.yaml", root / "runs", model, glue, {
-        "supernet.batch_size": GLOBAL_BATCH, "supernet.epochs": 1, "supernet.save_steps": 2,
+        "finetune.max_steps": 4, "supernet.batch_size": GLOBAL_BATCH, "supernet.epochs": 1, "supernet.save_steps": 2,
         "importance.batch_size": GLOBAL_BATCH,
     })
     recipe = load_recipe(recipe_file, [])
@@ -173,3 +173,27 @@ def test_movement_importance_on_two_processes_matches_one(upstream, tmp_path):
     _check_manifest(distributed, {"finetune", "importance", "gen-space"})
     assert ranks[0]["stderr"].count("movement scores on mrpc") == 1
     assert "movement" not in ranks[1]["stderr"]
+
+
+def test_taylor_splits_the_rows_over_ranks_and_sums_them(tiny_model_dir, tiny_glue_dir, monkeypatch):
+    """Each rank's share of the batches, summed as the all-reduce sums them, is the one-process Σ g²
+    (here in one process, with the rank faked: the all-reduce itself is torch's)."""
+    from eftnas_cli import distributed
+    from eftnas_cli.data import load_task_data
+    from eftnas_cli.models import load_model, load_tokenizer
+    from eftnas_cli.ranking import taylor_sensitivity
+    from eftnas_cli.recipe import ImportanceSection
+
+    data = load_task_data("mrpc", load_tokenizer(str(tiny_model_dir)), data_dir=tiny_glue_dir, max_seq_length=32)
+    model = load_model(str(tiny_model_dir), data.spec)
+    section = ImportanceSection(taylor_rows=40, batch_size=8)  # 5 batches: ranks take 2 and 3
+    whole = taylor_sensitivity(model, data, section, torch.device("cpu"))
+    shares = []
+    for rank in range(PROCESSES):
+        monkeypatch.setattr(distributed, "world_size", lambda: PROCESSES)
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        shares.append(taylor_sensitivity(model, data, section, torch.device("cpu")))
+    for share in shares:  # each rank saw part of the rows only
+        assert not torch.allclose(share[0], whole[0])
+    torch.testing.assert_close(shares[0][0] + shares[1][0], whole[0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(shares[0][1] + shares[1][1], whole[1], rtol=1e-5, atol=0)
