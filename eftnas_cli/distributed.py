@@ -56,13 +56,15 @@ def local_rank() -> int:
 
 def init(device: str) -> None:
     """Join the launcher's process group (once; nothing without a launcher). `device` is the
-    recipe's: CUDA (NCCL, one GPU per local rank) unless it says cpu or no GPU is there (gloo).
+    recipe's: CUDA (NCCL, one GPU per local rank) unless it says cpu, `accelerate launch --cpu`
+    asks for the CPU or no GPU is there (gloo).
     The other ranks' terminal output is silenced: the main process reports for all."""
     if not launched() or dist.is_initialized():
         return
     from eftnas_cli.ui import console
 
-    if device != "cpu" and torch.cuda.is_available():
+    forced_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in {"1", "true", "yes"}  # accelerate launch --cpu
+    if device != "cpu" and torch.cuda.is_available() and not forced_cpu:
         torch.cuda.set_device(local_rank())
         dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank()))
     else:

@@ -17,6 +17,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from eftnas_cli import distributed
 from eftnas_cli.data import TaskData, TaskSpec, compute_metrics, main_metric_value
 from eftnas_cli.errors import RecipeError
+from eftnas_cli.models import best_device
 from eftnas_cli.recipe import SupernetSection, TrainingSection
 from eftnas_cli.ui import console, progress
 
@@ -60,6 +61,7 @@ def training_arguments(
     `save_steps`, checkpoint every N steps (resumable) and evaluate through callbacks instead.
     """
     keep_best = main_metric is not None
+    on_cpu = best_device(device).type == "cpu"
     return TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=section.epochs,
@@ -83,10 +85,10 @@ def training_arguments(
         seed=seed,
         report_to="none",
         # Also without a GPU: accelerate runs a multi-process CPU run (gloo) only when told "cpu".
-        use_cpu=device == "cpu" or not torch.cuda.is_available(),
+        use_cpu=on_cpu,
         disable_tqdm=True,
         dataloader_num_workers=0,
-        dataloader_pin_memory=device != "cpu" and torch.cuda.is_available(),  # page-locked rows copy to the GPU faster
+        dataloader_pin_memory=not on_cpu,  # page-locked rows copy to the GPU faster
         remove_unused_columns=False,
         **_precision(section, device),
     )

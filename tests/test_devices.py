@@ -30,6 +30,12 @@ def test_cpu_trains_in_fp32_without_pinned_memory(tmp_path):
     assert not (args.bf16 or args.fp16) and not args.dataloader_pin_memory and args.use_cpu
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_device_cuda_without_a_gpu_is_a_recipe_error(tmp_path):
+    with pytest.raises(RecipeError, match="device: cuda"):
+        training_arguments(SupernetSection(), tmp_path, seed=0, device="cuda")
+
+
 def test_teacher_runs_in_the_training_half_precision_and_hands_fp32_logits(tiny_model_dir, tiny_glue_dir, tmp_path):
     data = load_task_data("mrpc", load_tokenizer(str(tiny_model_dir)), data_dir=tiny_glue_dir, max_seq_length=32)
     section = SupernetSection(mixed_precision="bf16")  # bf16 autocast runs on CPU too
