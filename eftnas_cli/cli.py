@@ -53,10 +53,12 @@ def _sigterm_interrupts():
 def _errors_reported():
     """The project's own errors (mistakes the user can fix) become one red line and exit code 2;
     an interruption one line naming the stage, exit code 130; anything else is a bug: a short
-    message, exit code 1, and the traceback with EFTNAS_DEBUG=1."""
+    message, exit code 1, and the traceback with EFTNAS_DEBUG=1. Under a multi-process launcher
+    the main process reports the first two for all ranks, and every rank reports its own bug."""
     from eftnas_cli.errors import EftnasError
     from eftnas_cli.ui import console
 
+    rank = int(os.environ.get("RANK", "0"))
     with _sigterm_interrupts():
         if os.environ.get("EFTNAS_DEBUG"):
             yield
@@ -64,29 +66,47 @@ def _errors_reported():
         try:
             yield
         except EftnasError as error:
-            console.print(f"[red]error:[/red] {error}", soft_wrap=True)
+            if rank == 0:
+                console.print(f"[red]error:[/red] {error}", soft_wrap=True)
             raise typer.Exit(2) from None
         except typer.Exit:
             raise
         except KeyboardInterrupt as interrupt:
             # A run directory's lock names the stage it was in (`Interrupted`); before that, the command.
             command = getattr(interrupt, "command", None) or click.get_current_context().info_name
-            console.print(f"[yellow]interrupted[/yellow] during `{command}`; run the same command again to continue",
-                          soft_wrap=True)
+            if rank == 0:
+                console.print(f"[yellow]interrupted[/yellow] during `{command}`; run the same command again to continue",
+                              soft_wrap=True)
             raise typer.Exit(130) from None
         except Exception as error:  # noqa: BLE001 - the last resort of the command line
-            console.print(f"[red]internal error:[/red] {type(error).__name__}: {error}", soft_wrap=True)
+            console.quiet = False
+            where = f"rank {rank}: " if "RANK" in os.environ else ""
+            console.print(f"[red]internal error:[/red] {where}{type(error).__name__}: {error}", soft_wrap=True)
             console.print("this is a bug in eftnas or a library under it; run again with EFTNAS_DEBUG=1 for the traceback",
                           soft_wrap=True)
             raise typer.Exit(1) from None
 
 
-def _run(stage: Callable[..., object], recipe_path: Path, overrides: Optional[List[str]], **options) -> object:
+# The commands that train: under `torchrun` / `accelerate launch` their processes share the work
+# (eftnas_cli/distributed.py). The others run in one process.
+MULTI_PROCESS_COMMANDS = ("finetune", "importance", "train-supernet")
+
+
+def _run(command: str, stage: Callable[..., object], recipe_path: Path, overrides: Optional[List[str]],
+         **options) -> object:
     with _errors_reported():
+        from eftnas_cli import distributed
+        from eftnas_cli.errors import UserError
         from eftnas_cli.recipe import load_recipe
 
+        if distributed.launched() and command not in MULTI_PROCESS_COMMANDS:
+            raise UserError(f"`{command}` runs in one process; start it without torchrun / accelerate launch "
+                            f"(those share the work of {', '.join(MULTI_PROCESS_COMMANDS)})")
         recipe = load_recipe(recipe_path, overrides or [])
-        return stage(recipe, **options)
+        try:
+            return stage(recipe, **options)
+        finally:
+            distributed.shutdown()
 
 
 @app.command()
@@ -94,7 +114,7 @@ def finetune(recipe: Path = RECIPE, overrides: Optional[List[str]] = OVERRIDES) 
     """Fine-tune the dense model on the task: the distillation teacher of the later stages."""
     from eftnas_cli.stages.finetune import finetune as stage
 
-    _run(stage, recipe, overrides)
+    _run("finetune", stage, recipe, overrides)
 
 
 @app.command()
@@ -102,7 +122,7 @@ def importance(recipe: Path = RECIPE, overrides: Optional[List[str]] = OVERRIDES
     """Movement-pruning importance of every attention head and FFN neuron."""
     from eftnas_cli.stages.importance import compute_importance as stage
 
-    _run(stage, recipe, overrides)
+    _run("importance", stage, recipe, overrides)
 
 
 @app.command("gen-space")
@@ -110,7 +130,7 @@ def gen_space(recipe: Path = RECIPE, overrides: Optional[List[str]] = OVERRIDES)
     """Search space from importance: per-layer width choices for N MACs targets."""
     from eftnas_cli.stages.gen_space import generate_space as stage
 
-    _run(stage, recipe, overrides)
+    _run("gen-space", stage, recipe, overrides)
 
 
 @app.command("train-supernet")
@@ -122,7 +142,7 @@ def train_supernet(
     """Reorder weights by importance and train the elastic super-network (sandwich rule + KD)."""
     from eftnas_cli.stages.train_supernet import train_supernet as stage
 
-    _run(stage, recipe, overrides, resume=resume)
+    _run("train-supernet", stage, recipe, overrides, resume=resume)
 
 
 @app.command()
@@ -134,7 +154,7 @@ def search(
     """NSGA-II search of subnets: task metric vs MACs (and latency); writes the Pareto front."""
     from eftnas_cli.stages.search import search as stage
 
-    _run(stage, recipe, overrides, storage=storage)
+    _run("search", stage, recipe, overrides, storage=storage)
 
 
 @app.command()
@@ -148,7 +168,7 @@ def export(
     """Cut subnets into smaller dense models: safetensors, ONNX, OpenVINO IR (+ INT8), metrics."""
     from eftnas_cli.stages.export import export as stage
 
-    _run(stage, recipe, overrides, budgets=budget or None, trial=trial, subnet_file=subnet)
+    _run("export", stage, recipe, overrides, budgets=budget or None, trial=trial, subnet_file=subnet)
 
 
 @app.command("run")
@@ -160,7 +180,7 @@ def run_all(
     """Every stage in order; stages already complete with the same inputs are skipped."""
     from eftnas_cli.stages.pipeline import run_pipeline as stage
 
-    _run(stage, recipe, overrides, until=until)
+    _run("run", stage, recipe, overrides, until=until)
 
 
 @app.command()

@@ -19,7 +19,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from eftnas_cli.data import TaskSpec
-from eftnas_cli.errors import ModelConfigError, ModelNotFoundError
+from eftnas_cli.errors import ModelConfigError, ModelNotFoundError, RecipeError
 
 
 def _packaged_minilm() -> str:
@@ -208,6 +208,10 @@ def save_model(model: PreTrainedModel, tokenizer, folder: Path) -> None:
 
 
 def best_device(requested: str = "auto") -> torch.device:
+    """The recipe's `device`: auto is CUDA when there is a GPU. Under a multi-process launcher
+    "cuda" is this process's GPU (eftnas_cli.distributed sets it)."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("device: cuda, but torch sees no CUDA GPU here; use device: auto or cpu")
     if requested != "auto":
         return torch.device(requested)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from eftnas_cli import elastic
+from eftnas_cli import distributed, elastic
 from eftnas_cli.data import TaskData
 from eftnas_cli.recipe import ImportanceSection
 from eftnas_cli.training import NO_CHECKPOINTS, QuietTrainer, RichProgress, evaluate, training_arguments
@@ -108,11 +108,27 @@ def _scale_inputs(factor: Callable[[], torch.Tensor]):
 
 
 # ---- movement ----------------------------------------------------------------------------------
+SCORES_MODULE = "eftnas_movement_scores"
+
+
+class _SubmoduleHandle:
+    """Removes a submodule again, as a hook handle removes its hook."""
+
+    def __init__(self, parent: nn.Module, name: str):
+        self.parent, self.name = parent, name
+
+    def remove(self) -> None:
+        delattr(self.parent, self.name)
+
+
 class MovementScores(nn.Module):
     """A learnable score per head and neuron, and the hooks that mask the units' outputs with them.
 
     The forward keeps a unit while sigmoid(score) > `threshold`; the backward passes the mask's
     gradient straight through to the score, so the score accumulates its unit's W·∂L/∂W.
+
+    Until `remove()` the scores are a submodule of the model (`SCORES_MODULE`): the Trainer zeroes
+    their gradients with the model's, and DDP averages them across processes like any weight's.
     """
 
     def __init__(self, model: nn.Module, init_score: float, seq_len: int = 128):
@@ -131,6 +147,8 @@ class MovementScores(nn.Module):
                 _scale_inputs(lambda index=index: self._mask(self.heads[index]).repeat_interleave(self.head_dim))))
             self.handles.append(ffn_out.register_forward_pre_hook(
                 _scale_inputs(lambda index=index: self._mask(self.neurons[index]))))
+        model.add_module(SCORES_MODULE, self)
+        self.handles.append(_SubmoduleHandle(model, SCORES_MODULE))
 
     def _mask(self, scores: torch.Tensor) -> torch.Tensor:
         hard = (torch.sigmoid(scores) > self.threshold).to(scores.dtype)
@@ -160,8 +178,7 @@ def cubic_warmup(epoch: float, start: float, end: float) -> float:
 
 
 class MovementTrainer(QuietTrainer):
-    """The task loss plus the L1 pull on the scores; the scores' gradients are zeroed with the
-    model's after every optimizer step (they live outside the model, which the Trainer zeroes)."""
+    """The task loss plus the L1 pull on the scores (a submodule of the model while it trains)."""
 
     def __init__(self, *args, scores: MovementScores, section: ImportanceSection, **kwargs):
         super().__init__(*args, **kwargs)
@@ -176,8 +193,8 @@ class MovementTrainer(QuietTrainer):
 
 
 class _MovementSchedule(TrainerCallback):
-    """Each step: the threshold and the L1 factor along the cubic warm-up; the score gradients
-    zeroed after the optimizer used them; training stopped at warm-up end when asked (NNCF)."""
+    """Each step: the threshold and the L1 factor along the cubic warm-up; training stopped at
+    warm-up end when asked (NNCF)."""
 
     def __init__(self, trainer: MovementTrainer, section: ImportanceSection):
         self.trainer, self.section = trainer, section
@@ -192,7 +209,6 @@ class _MovementSchedule(TrainerCallback):
         self.trainer.regularization = progress * self.section.regularization
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.trainer.scores.zero_grad(set_to_none=True)
         if self.section.stop_at_warmup_end and self._epoch(state) >= self.section.warmup_end_epoch:
             control.should_training_stop = True
 
@@ -202,7 +218,9 @@ def movement_trainer(model: nn.Module, scores: MovementScores, data: TaskData, s
     """The Trainer that fine-tunes `model` and learns `scores` (their own learning rate, no weight decay)."""
     optimizer = torch.optim.AdamW(
         [
-            {"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": section.weight_decay},
+            {"params": [p for name, p in model.named_parameters()
+                        if p.requires_grad and not name.startswith(f"{SCORES_MODULE}.")],
+             "weight_decay": section.weight_decay},
             {"params": list(scores.parameters()), "lr": section.score_learning_rate, "weight_decay": 0.0},
         ],
         lr=section.learning_rate,
@@ -285,8 +303,10 @@ def taylor_sensitivity(model: nn.Module, data: TaskData, section: ImportanceSect
     dims = elastic.encoder_dims(model.config)
     heads = torch.zeros(dims.num_layers, dims.heads, dtype=torch.float64)
     neurons = torch.zeros(dims.num_layers, dims.neurons, dtype=torch.float64)
+    # A multi-process run splits the batches over the ranks and sums their squares: the same Σ g².
+    starts = range(0, len(rows), section.batch_size)
     try:
-        for start in range(0, len(rows), section.batch_size):
+        for start in (starts[index] for index in distributed.shard(len(starts))):
             chunk = rows[start: start + section.batch_size]
             features = [{key: chunk[key][i] for key in chunk} for i in range(len(chunk["labels"]))]
             batch = {key: value.to(device) for key, value in data.collator(features).items()}
@@ -298,7 +318,7 @@ def taylor_sensitivity(model: nn.Module, data: TaskData, section: ImportanceSect
             neurons += neuron_grads.pow(2).sum(0)
     finally:
         gates.remove()
-    return heads.float(), neurons.float()
+    return distributed.sum_over_ranks(heads).float(), distributed.sum_over_ranks(neurons).float()
 
 
 def taylor_importance(model: nn.Module, data: TaskData, section: ImportanceSection, run: RankingRun) -> UnitRanking:

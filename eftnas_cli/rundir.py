@@ -7,6 +7,7 @@ metrics. A killed stage therefore never leaves files that look complete.
 
 One process writes a run directory at a time: every stage (and `eftnas run` around them) holds the
 exclusive lock `<run>/.lock`; another process is refused at once with the holder's PID and command.
+A multi-process training run (torchrun, accelerate launch) is one writer: its main process.
 A failing or interrupted stage removes only its own temporary folder, never finished work; the
 temporary folders of killed stages are removed by the next command that takes the lock.
 """
@@ -28,6 +29,7 @@ from typing import Any, Callable, Iterator
 
 from filelock import FileLock, Timeout
 
+from eftnas_cli import distributed
 from eftnas_cli.errors import Interrupted, RecipeError, UpstreamError
 from eftnas_cli.recipe import Recipe, dump_recipe
 
@@ -125,6 +127,9 @@ class StageOutput:
     dir: Path
     metrics: dict[str, Any] = field(default_factory=dict)
     inputs: list[Path] = field(default_factory=list)
+    # Whether this process writes the stage's files: the main process of a multi-process run
+    # (eftnas_cli.distributed); the other ranks compute the same results and leave the files to it.
+    writes: bool = True
 
     def add_input(self, path: Path) -> None:
         """Record a file (or every file of a folder) the stage read."""
@@ -219,19 +224,16 @@ class RunDir:
         holder never blocks. The outermost holder creates the run directory and removes what
         killed writers left; on release it removes the lock files, and the folders it created if
         they are empty (the command wrote nothing). An interruption comes out as `Interrupted`,
-        naming the innermost command that was running.
+        naming the innermost command that was running. In a multi-process run
+        (`eftnas_cli.distributed`) the main process holds it for all ranks, and its refusal is
+        every rank's.
         """
-        created = self._create()
-        lock = FileLock(self.path.resolve() / LOCK_FILE, timeout=0, thread_local=False, is_singleton=True,
-                        fallback_to_soft=False)
-        outermost = not lock.is_locked
-        try:
-            lock.acquire()
-        except Timeout:
-            raise UpstreamError(
-                f"run directory {self.path} is in use by {self._holder()}: wait for it to finish or stop it, "
-                "or pick another `name=`"
-            ) from None
+        lock = None
+        if distributed.is_main():
+            lock = FileLock(self.path.resolve() / LOCK_FILE, timeout=0, thread_local=False, is_singleton=True,
+                            fallback_to_soft=False)
+        outermost = lock is not None and not lock.is_locked
+        created = distributed.on_main(lambda: self._acquire(lock))
         try:
             if outermost:
                 self._remove_leftovers()
@@ -243,15 +245,28 @@ class RunDir:
                 raise
             raise Interrupted(command) from interrupt
         finally:
-            try:
-                if outermost:
-                    # Unlinked while still held: a process that opened the lock file meanwhile gets
-                    # its flock on an unlinked file, which filelock does not count as holding it.
-                    (self.path / LOCK_OWNER_FILE).unlink(missing_ok=True)
-                    (self.path / LOCK_FILE).unlink(missing_ok=True)
-                    _remove_empty_folders(created)
-            finally:
-                lock.release()
+            if lock is not None:
+                try:
+                    if outermost:
+                        # Unlinked while still held: a process that opened the lock file meanwhile gets
+                        # its flock on an unlinked file, which filelock does not count as holding it.
+                        (self.path / LOCK_OWNER_FILE).unlink(missing_ok=True)
+                        (self.path / LOCK_FILE).unlink(missing_ok=True)
+                        _remove_empty_folders(created)
+                finally:
+                    lock.release()
+
+    def _acquire(self, lock: FileLock) -> list[Path]:
+        """Create the run directory and take `lock`; returns the folders made (deepest first)."""
+        created = self._create()
+        try:
+            lock.acquire()
+        except Timeout:
+            raise UpstreamError(
+                f"run directory {self.path} is in use by {self._holder()}: wait for it to finish or stop it, "
+                "or pick another `name=`"
+            ) from None
+        return created
 
     def _create(self) -> list[Path]:
         """Make the run directory; returns the folders this made (deepest first).
@@ -317,32 +332,45 @@ class RunDir:
         with self.lock(stage):
             self.check_same_recipe()
             section = STAGE_SECTIONS[stage]
-            tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=f".{section}{TMP_MARKER}"))
-            # mkdtemp creates 0700: give the folder an ordinary mode (0755 under umask 022).
-            tmp.chmod(0o777 & ~_umask())
-            output = StageOutput(dir=tmp)
+            # Every rank of a multi-process run works in the main process's folder (a Trainer's
+            # checkpoints are shared); only the main process writes the stage's files into it.
+            tmp = distributed.on_main(lambda: self._temporary_folder(section))
+            output = StageOutput(dir=tmp, writes=distributed.is_main())
             started = time.perf_counter() if started is None else started
             try:
                 yield output
             except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
+                if output.writes:
+                    shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            final = self.stage_dir(stage)
-            self._move_into_place(tmp, final)
-            manifest = self.manifest()
-            manifest["identity"] = self._identity()
-            manifest["stages"][stage] = {
-                "recipe": getattr(self.recipe, section).model_dump(mode="json"),
-                "shared": self._shared_settings(),
-                "inputs": {self._relative(p): sha256(p) for p in sorted(set(output.inputs))},
-                "outputs": {self._relative(p): sha256(p) for p in _files_under(final)},
-                "versions": library_versions(),
-                "wall_time_s": round(time.perf_counter() - started, 2),
-                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "metrics": output.metrics,
-            }
-            _write_text_atomic(self.path / "recipe.yaml", dump_recipe(self.recipe))
-            write_json(self.manifest_path, manifest)
+            # The other ranks wait here until the stage is in place and recorded.
+            distributed.on_main(lambda: self._finish(stage, tmp, output, started))
+
+    def _temporary_folder(self, section: str) -> Path:
+        tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=f".{section}{TMP_MARKER}"))
+        # mkdtemp creates 0700: give the folder an ordinary mode (0755 under umask 022).
+        tmp.chmod(0o777 & ~_umask())
+        return tmp
+
+    def _finish(self, stage: str, tmp: Path, output: StageOutput, started: float) -> None:
+        """Move a stage's finished folder into place and add its manifest record."""
+        section = STAGE_SECTIONS[stage]
+        final = self.stage_dir(stage)
+        self._move_into_place(tmp, final)
+        manifest = self.manifest()
+        manifest["identity"] = self._identity()
+        manifest["stages"][stage] = {
+            "recipe": getattr(self.recipe, section).model_dump(mode="json"),
+            "shared": self._shared_settings(),
+            "inputs": {self._relative(p): sha256(p) for p in sorted(set(output.inputs))},
+            "outputs": {self._relative(p): sha256(p) for p in _files_under(final)},
+            "versions": library_versions(),
+            "wall_time_s": round(time.perf_counter() - started, 2),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "metrics": output.metrics,
+        }
+        _write_text_atomic(self.path / "recipe.yaml", dump_recipe(self.recipe))
+        write_json(self.manifest_path, manifest)
 
     def _move_into_place(self, tmp: Path, final: Path) -> None:
         """Replace `final` by `tmp` with two renames.
@@ -366,6 +394,7 @@ def holds_lock(command: str) -> Callable:
     def decorate(stage: Callable) -> Callable:
         @functools.wraps(stage)
         def locked(recipe: Recipe, *args, **kwargs):
+            distributed.init(recipe.device)  # a launcher's processes: the main one takes the lock
             with RunDir(recipe).lock(command):
                 return stage(recipe, *args, **kwargs)
 

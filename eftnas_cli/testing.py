@@ -114,14 +114,16 @@ def tiny_config(family: str, num_layers: int = 2, **changes):
     return getattr(transformers, config_class)(**{**settings, **changes})
 
 
-def make_tiny_model(path: Path, family: str = "bert", seed: int = 0) -> Path:
-    """A randomly initialised tiny encoder with the tiny tokenizer, saved as a Hugging Face folder."""
+def make_tiny_model(path: Path, family: str = "bert", seed: int = 0, **config_changes) -> Path:
+    """A randomly initialised tiny encoder with the tiny tokenizer, saved as a Hugging Face folder;
+    `config_changes` go into its config (dropout 0 for runs that must compare exactly, say)."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
     tokenizer = make_tiny_tokenizer(path)
-    transformers.AutoModel.from_config(tiny_config(family, vocab_size=len(tokenizer))).save_pretrained(path)
+    config = tiny_config(family, vocab_size=len(tokenizer), **config_changes)
+    transformers.AutoModel.from_config(config).save_pretrained(path)
     return path
 
 

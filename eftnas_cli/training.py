@@ -18,7 +18,10 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from eftnas_cli import distributed
 from eftnas_cli.data import TaskData, TaskSpec, compute_metrics, main_metric_value
+from eftnas_cli.errors import RecipeError
+from eftnas_cli.models import best_device
 from eftnas_cli.recipe import Recipe, SupernetSection, TrainingSection
 from eftnas_cli.rundir import sha256
 from eftnas_cli.ui import console, progress
@@ -36,6 +39,18 @@ def _precision(section: TrainingSection, device: str) -> dict[str, bool]:
     return {} if choice == "no" else {choice: True}
 
 
+def per_process_batch(section: TrainingSection) -> int:
+    """The rows each process trains on per micro-batch: the recipe's `batch_size` is the global
+    batch, split over the processes of a multi-process run, so that one recipe trains the same way
+    (steps, learning-rate schedule, rows per optimizer step) on one process or on N."""
+    processes = distributed.world_size()
+    if section.batch_size % processes:
+        name = type(section).__name__.removesuffix("Section").lower()
+        raise RecipeError(f"{name}.batch_size {section.batch_size} is the global batch and must divide among "
+                          f"the {processes} processes: make it a multiple of {processes}")
+    return section.batch_size // processes
+
+
 def training_arguments(
     section: TrainingSection,
     output_dir: Path,
@@ -51,12 +66,13 @@ def training_arguments(
     `save_steps`, checkpoint every N steps (resumable) and evaluate through callbacks instead.
     """
     keep_best = main_metric is not None
+    on_cpu = best_device(device).type == "cpu"
     return TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=section.epochs,
         max_steps=section.max_steps or -1,
         learning_rate=section.learning_rate,
-        per_device_train_batch_size=section.batch_size,
+        per_device_train_batch_size=per_process_batch(section),
         per_device_eval_batch_size=section.eval_batch_size,
         gradient_accumulation_steps=section.gradient_accumulation_steps,
         weight_decay=section.weight_decay,
@@ -73,10 +89,11 @@ def training_arguments(
         logging_steps=10,
         seed=seed,
         report_to="none",
-        use_cpu=device == "cpu",
+        # Also without a GPU: accelerate runs a multi-process CPU run (gloo) only when told "cpu".
+        use_cpu=on_cpu,
         disable_tqdm=True,
         dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_pin_memory=not on_cpu,  # page-locked rows copy to the GPU faster
         remove_unused_columns=False,
         **_precision(section, device),
     )
@@ -84,7 +101,8 @@ def training_arguments(
 
 class CheckpointEvery(TrainerCallback):
     """Asks the Trainer for a checkpoint after every `minutes` of training, so that a killed run
-    loses at most that much work whatever its length (a fixed step interval suits no run size)."""
+    loses at most that much work whatever its length (a fixed step interval suits no run size).
+    The main process's clock decides for all ranks: each saves its part of the same checkpoint."""
 
     def __init__(self, minutes: float):
         self.seconds = minutes * 60
@@ -94,7 +112,7 @@ class CheckpointEvery(TrainerCallback):
         self.last = time.monotonic()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if time.monotonic() - self.last >= self.seconds:
+        if distributed.broadcast(time.monotonic() - self.last >= self.seconds):
             control.should_save = True
             self.last = time.monotonic()
 
@@ -152,33 +170,46 @@ class ResumableCheckpoints:
 
 
 class QuietTrainer(Trainer):
-    """A Trainer that reports through `RichProgress` only (no raw log dicts on the terminal)."""
+    """A Trainer that reports through `RichProgress` only (no raw log dicts on the terminal).
+
+    The models' losses are per-batch means: a sequence-classification head takes the Trainer's
+    `num_items_in_batch` in its `**kwargs` but does not divide by it. Left to believe it does, the
+    Trainer would skip the division by the gradient-accumulation steps and, with N processes,
+    multiply every rank's loss by N (doubling the task gradient against movement's L1 pull on 2).
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.remove_callback(PrinterCallback)
+        self.model_accepts_loss_kwargs = False
 
 
 class RichProgress(TrainerCallback):
-    """Training progress as one rich bar with the latest loss; evaluation results as lines."""
+    """Training progress as one rich bar with the latest loss; evaluation results as lines. In a
+    multi-process run only the main process shows them."""
 
     def __init__(self, description: str):
         self.description = description
         self.bar = None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
         self.bar = progress()
         self.bar.start()
         self.task = self.bar.add_task(self.description, total=state.max_steps, status="", completed=state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.bar.update(self.task, completed=state.global_step)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.bar is not None and logs and "loss" in logs:
             self.bar.update(self.task, status=f"loss {logs['loss']:.4f}")
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
         shown = ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in (metrics or {}).items()
                           if isinstance(v, float) and not k.endswith(("runtime", "per_second")))
         console.print(f"  epoch {state.epoch:.2f}: {shown}")
@@ -218,8 +249,10 @@ def predict_logits(model, dataset, collator, batch_size: int = 64) -> tuple[np.n
 
 
 def evaluate(model, dataset, collator, spec: TaskSpec, batch_size: int = 64) -> dict[str, float]:
-    """GLUE metrics of `model` on `dataset`, with the main metric also as `score`."""
-    logits, labels = predict_logits(model, dataset, collator, batch_size)
+    """GLUE metrics of `model` on `dataset`, with the main metric also as `score`. In a multi-process
+    run each rank predicts its share of the rows and every rank gets the metrics of all of them."""
+    rows = dataset.select(distributed.shard(len(dataset))) if distributed.active() else dataset
+    logits, labels = distributed.gather_rows(*predict_logits(model, rows, collator, batch_size))
     metrics = compute_metrics(spec.name, logits, labels)
     metrics["score"] = main_metric_value(spec.name, metrics)
     return metrics
@@ -254,6 +287,8 @@ class DistillationTrainer(QuietTrainer):
     plus, with `hidden_weight` > 0, the MSE of the hidden states after each layer.
 
     `distillation_weight` is KD's share of the logits loss and `temperature` softens both distributions.
+    The teacher sits on the student's device, in eval mode without gradients, and in the training's
+    half precision when it has one (`mixed_precision`); its outputs reach the losses in fp32.
     """
 
     # The loss is a per-batch mean, not normalized by `num_items_in_batch`: let the Trainer divide
@@ -263,13 +298,18 @@ class DistillationTrainer(QuietTrainer):
     def __init__(self, *args, teacher, spec: TaskSpec, distillation_weight: float, temperature: float,
                  hidden_weight: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
-        self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
+        half = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+        self.teacher = teacher.to(self.args.device, half).eval().requires_grad_(False)
         self.spec, self.distillation_weight, self.temperature = spec, distillation_weight, temperature
         self.hidden_weight = hidden_weight
 
     @torch.no_grad()
     def teacher_outputs(self, inputs: dict):
-        return self.teacher(**inputs, output_hidden_states=self.hidden_weight > 0)
+        outputs = self.teacher(**inputs, output_hidden_states=self.hidden_weight > 0)
+        outputs.logits = outputs.logits.float()
+        if outputs.hidden_states is not None:
+            outputs.hidden_states = tuple(state.float() for state in outputs.hidden_states)
+        return outputs
 
     def student_loss(self, model, inputs: dict, labels: torch.Tensor, teacher_outputs):
         """(loss, outputs) of the student on `inputs` (labels already popped)."""

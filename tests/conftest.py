@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from eftnas_cli.testing import make_tiny_glue_dir, make_tiny_model, write_tiny_recipe
 
@@ -27,3 +28,13 @@ def write_recipe(tmp_path, tiny_model_dir, tiny_glue_dir):
         return write_tiny_recipe(tmp_path / name, tmp_path / "runs", tiny_model_dir, tiny_glue_dir, changes)
 
     return write
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where CUDA is available."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

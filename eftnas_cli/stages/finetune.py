@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from transformers import set_seed
 
+from eftnas_cli import distributed
 from eftnas_cli.artifacts import model_files
 from eftnas_cli.data import recipe_task_data
 from eftnas_cli.models import load_model, load_tokenizer, resolve_model, save_model
@@ -35,13 +36,14 @@ def finetune(recipe: Recipe) -> dict:
         console.print(f"finetune: skipped, the recipe names a fine-tuned teacher ({recipe.model.teacher})")
         return {}
     tokenizer = load_tokenizer(recipe.model.name)
-    data = recipe_task_data(recipe, tokenizer)
+    with distributed.main_first():  # the main process fills the tokenization cache
+        data = recipe_task_data(recipe, tokenizer)
     set_seed(recipe.seed)  # the fresh classifier head: the same one every run, whatever ran before
     model = load_model(recipe.model.name, data.spec)
     section = recipe.finetune
     fingerprint = training_fingerprint(recipe, "finetune", model_files(resolve_model(recipe.model.name)))
     checkpoints = ResumableCheckpoints(run.path, "finetune", fingerprint)
-    last_checkpoint = checkpoints.open()
+    last_checkpoint = distributed.on_main(checkpoints.open)  # the main process decides for every rank
     console.print(f"finetune: continuing from {last_checkpoint}" if last_checkpoint else
                   "finetune: starting (no checkpoint of this recipe yet)", soft_wrap=True)
     with run.stage("finetune") as out:
@@ -57,13 +59,16 @@ def finetune(recipe: Recipe) -> dict:
                        CheckpointEvery(section.checkpoint_minutes)],
         )
         trainer.train(resume_from_checkpoint=last_checkpoint)
+        distributed.barrier()  # every rank has loaded the best epoch's checkpoint
         metrics = {
             split: evaluate(trainer.model, dataset, data.collator, data.spec, section.eval_batch_size)
             for split, dataset in data.eval.items()
         }
-        save_model(trainer.model, tokenizer, out.dir / "model")
-        write_json(out.dir / "metrics.json", metrics)
         out.metrics = metrics
-    checkpoints.remove()  # the stage keeps one model, the best epoch's
+        if out.writes:
+            save_model(trainer.model, tokenizer, out.dir / "model")
+            write_json(out.dir / "metrics.json", metrics)
+    if distributed.is_main():
+        checkpoints.remove()  # the stage keeps one model, the best epoch's
     console.print(f"finetune: teacher saved to {run.stage_dir('finetune') / 'model'}")
     return metrics

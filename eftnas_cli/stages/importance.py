@@ -15,7 +15,7 @@ import shutil
 from safetensors.torch import save_file
 from transformers import set_seed
 
-from eftnas_cli import ranking
+from eftnas_cli import distributed, ranking
 from eftnas_cli.artifacts import IMPORTANCE_FILE, model_files, start_weights
 from eftnas_cli.data import recipe_task_data
 from eftnas_cli.models import load_model, load_tokenizer
@@ -38,7 +38,8 @@ def compute_importance(recipe: Recipe) -> dict:
     by = "importance" if section.source == "pretrained" else f"importance (method {section.method} starts from the teacher)"
     source = start_weights(recipe, run, section.source, by=by)
     tokenizer = load_tokenizer(recipe.model.name)
-    data = recipe_task_data(recipe, tokenizer)
+    with distributed.main_first():  # the main process fills the tokenization cache
+        data = recipe_task_data(recipe, tokenizer)
     set_seed(recipe.seed)  # a pretrained start gets a fresh classifier head: the same one every run
     model = load_model(source, data.spec)
     with run.stage("importance") as out:
@@ -46,13 +47,10 @@ def compute_importance(recipe: Recipe) -> dict:
             out.add_input(path)
         work_dir = out.dir / "work"
         result = ranking.METHODS[section.method](model, data, section, ranking.RankingRun(recipe.seed, recipe.device, work_dir))
-        shutil.rmtree(work_dir, ignore_errors=True)
         heads, neurons = result.heads.float().contiguous(), result.neurons.float().contiguous()
-        save_file({"heads": heads, "neurons": neurons}, str(out.dir / IMPORTANCE_FILE))
         pruner = ThresholdPruner(model.config, heads, neurons, seq_len=section.seq_len)
         full = pruner.macs(pruner.subnet(0.0))
         thresholds = [pruner.fit(budget * full)[0] for budget in HEATMAP_BUDGETS]
-        importance_heatmap(heads, neurons, thresholds, out.dir / "heatmap.png")
         out.metrics = {
             "method": section.method,
             **result.summary,
@@ -60,7 +58,11 @@ def compute_importance(recipe: Recipe) -> dict:
                                 for budget, threshold in zip(HEATMAP_BUDGETS, thresholds)},
             "rank_correlation_with_weight_magnitude": ranking.magnitude_rank_correlation(model, heads, neurons),
         }
-        write_json(out.dir / "summary.json", out.metrics)
+        if out.writes:
+            shutil.rmtree(work_dir, ignore_errors=True)
+            save_file({"heads": heads, "neurons": neurons}, str(out.dir / IMPORTANCE_FILE))
+            importance_heatmap(heads, neurons, thresholds, out.dir / "heatmap.png")
+            write_json(out.dir / "summary.json", out.metrics)
     _print_summary(out.metrics)
     return out.metrics
 

@@ -8,13 +8,14 @@ fine-tuned teacher (KL on temperature-scaled logits, MSE for regression) plus th
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 
 import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from eftnas_cli import artifacts, elastic
+from eftnas_cli import artifacts, distributed, elastic
 from eftnas_cli.data import recipe_task_data
 from eftnas_cli.errors import UserError
 from eftnas_cli.models import load_model, load_tokenizer, save_model
@@ -41,7 +42,12 @@ def probe_subnets(space: elastic.SearchSpace) -> dict[str, elastic.Subnet]:
 
 
 class SandwichTrainer(DistillationTrainer):
-    """A DistillationTrainer whose step backpropagates largest + random + smallest subnets."""
+    """A DistillationTrainer whose step backpropagates largest + random + smallest subnets.
+
+    In a multi-process (DDP) run every rank trains the same subnets (sampled from the seed and the
+    step) on its share of the batch, and the gradients are all-reduced once per optimizer step: the
+    backward passes before the last run under `no_sync` and only accumulate locally.
+    """
 
     def __init__(self, *args, supernet: Supernet, num_random_subnets: int, seed: int, **kwargs):
         super().__init__(*args, **kwargs)
@@ -61,11 +67,14 @@ class SandwichTrainer(DistillationTrainer):
         subnets = self.step_subnets()
         scale = len(subnets) * self.current_gradient_accumulation_steps
         total = torch.zeros((), device=self.args.device)
-        for subnet in subnets:
+        for index, subnet in enumerate(subnets):
             self.supernet.activate(subnet)
-            with self.compute_loss_context_manager():
-                loss, _ = self.student_loss(model, inputs, labels, teacher_outputs)
-            self.accelerator.backward(loss / scale)
+            # DDP decides in the forward whether the backward all-reduces: both go under no_sync.
+            last = index == len(subnets) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                with self.compute_loss_context_manager():
+                    loss, _ = self.student_loss(model, inputs, labels, teacher_outputs)
+                self.accelerator.backward(loss / scale)
             total += loss.detach() / scale
         self.supernet.activate(self.supernet.largest())
         return total
@@ -85,7 +94,7 @@ class ProbeEvaluation(TrainerCallback):
                 for name, subnet in self.probes.items()}
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        results = self.evaluate_probes()
+        results = self.evaluate_probes()  # every rank: each evaluates its share of the rows
         self.history.append({"epoch": round(state.epoch, 2), **{k: v["score"] for k, v in results.items()}})
         console.print(f"  epoch {state.epoch:.2f}: " + ", ".join(f"{k} {v['score']:.4f}" for k, v in results.items()))
 
@@ -105,14 +114,16 @@ def train_supernet(recipe: Recipe, resume: bool = False) -> dict:
     source = artifacts.start_weights(recipe, run, section.start_from, by=BY)
     inputs = [importance.path, space_file, *artifacts.model_files(teacher_dir), *artifacts.model_files(source)]
     checkpoints = ResumableCheckpoints(run.path, "supernet", training_fingerprint(recipe, "supernet", inputs))
-    last_checkpoint = checkpoints.open()
+    # The main process decides which checkpoint every rank continues from (and clears stale ones).
+    last_checkpoint = distributed.on_main(checkpoints.open)
     if resume and last_checkpoint is None:
         raise UserError(f"--resume: no checkpoint of this recipe in {checkpoints.folder}; start without --resume")
     console.print(f"train-supernet: continuing from {last_checkpoint}" if last_checkpoint else
                   "train-supernet: starting (no checkpoint of this recipe yet)", soft_wrap=True)
 
     tokenizer = load_tokenizer(recipe.model.name)
-    data = recipe_task_data(recipe, tokenizer)
+    with distributed.main_first():  # the main process fills the tokenization cache
+        data = recipe_task_data(recipe, tokenizer)
     supernet = Supernet.build(source, data.spec, importance, elastic.SearchSpace.load(space_file))
     teacher = load_model(teacher_dir, data.spec)
     probes = ProbeEvaluation(supernet, data, section.eval_batch_size)
@@ -139,15 +150,16 @@ def train_supernet(recipe: Recipe, resume: bool = False) -> dict:
         )
         trainer.train(resume_from_checkpoint=last_checkpoint)
         final = probes.evaluate_probes()  # leaves the largest subnet active, the one saved
-        folder = out.dir / artifacts.MODEL_FOLDER
-        save_model(supernet.model, tokenizer, folder)
-        shutil.copy(space_file, out.dir / artifacts.SPACE_FILE)
         out.metrics = {
             "final": final,
             "history": probes.history,
             "probe_gmacs": {name: supernet.macs(subnet) / 1e9 for name, subnet in probes.probes.items()},
         }
-        write_json(out.dir / "metrics.json", out.metrics)
-    checkpoints.remove()
+        if out.writes:
+            save_model(supernet.model, tokenizer, out.dir / artifacts.MODEL_FOLDER)
+            shutil.copy(space_file, out.dir / artifacts.SPACE_FILE)
+            write_json(out.dir / "metrics.json", out.metrics)
+    if distributed.is_main():
+        checkpoints.remove()  # the finished super-network is saved
     console.print("super-network: " + ", ".join(f"{k} {v['score']:.4f}" for k, v in final.items()))
     return out.metrics
