@@ -30,16 +30,18 @@ from transformers import TrainerCallback
 from eftnas_cli import distributed, elastic
 from eftnas_cli.data import TaskData
 from eftnas_cli.recipe import ImportanceSection
-from eftnas_cli.training import NO_CHECKPOINTS, QuietTrainer, RichProgress, evaluate, training_arguments
+from eftnas_cli.training import NO_CHECKPOINTS, CheckpointEvery, QuietTrainer, RichProgress, evaluate, training_arguments
 
 
 @dataclass(frozen=True)
 class RankingRun:
-    """Where and how a method runs: the recipe's seed and device, a scratch folder for checkpoints."""
+    """Where and how a method runs: the recipe's seed and device; for a method that trains, the
+    folder of its checkpoints and the one to continue from (None: start afresh)."""
 
     seed: int
     device: str
-    work_dir: Path
+    checkpoints: Path
+    resume_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -227,11 +229,12 @@ def movement_trainer(model: nn.Module, scores: MovementScores, data: TaskData, s
     )
     return MovementTrainer(
         model=model,
-        args=training_arguments(section, run.work_dir, run.seed, device=run.device, save_steps=NO_CHECKPOINTS),
+        args=training_arguments(section, run.checkpoints, run.seed, device=run.device, save_steps=NO_CHECKPOINTS),
         train_dataset=data.train,
         data_collator=data.collator,
         optimizers=(optimizer, None),
-        callbacks=[RichProgress(f"movement scores on {data.spec.name}"), *callbacks],
+        callbacks=[RichProgress(f"movement scores on {data.spec.name}"), CheckpointEvery(section.checkpoint_minutes),
+                   *callbacks],
         scores=scores,
         section=section,
     )
@@ -241,7 +244,8 @@ def movement_importance(model: nn.Module, data: TaskData, section: ImportanceSec
     """Movement pruning of heads and neurons; reports the units masked at the final threshold per
     layer and the masked model's score."""
     scores = MovementScores(model, section.init_score, section.seq_len)
-    movement_trainer(model, scores, data, section, run).train()
+    # The scores are a submodule of the model: a checkpoint holds them, resuming restores them.
+    movement_trainer(model, scores, data, section, run).train(resume_from_checkpoint=run.resume_from)
     scores.threshold = section.final_threshold
     # On the search rows: the validation split is read once per final model, and this is none.
     masked_metrics = evaluate(model, data.search, data.collator, data.spec, section.eval_batch_size)
@@ -344,6 +348,8 @@ METHODS: dict[str, ImportanceMethod] = {
     "movement": movement_importance,
     "taylor": taylor_importance,
 }
+# The methods that train, and so checkpoint and continue after a kill.
+TRAINING_METHODS = ("movement",)
 
 
 def magnitude_rank_correlation(model: nn.Module, heads: torch.Tensor, neurons: torch.Tensor) -> dict:

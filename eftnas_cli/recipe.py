@@ -94,7 +94,7 @@ class FinetuneSection(ResumableTrainingSection):
     pass
 
 
-class ImportanceSection(TrainingSection):
+class ImportanceSection(ResumableTrainingSection):
     """How the `importance` stage ranks attention heads and FFN neurons (eftnas_cli/ranking.py).
 
     `method: taylor` (the default) reads the fine-tuned teacher: the squared per-row gradient of a

@@ -163,3 +163,37 @@ def test_a_checkpoint_cut_short_by_a_kill_is_skipped_and_removed(tmp_path):
     assert sorted(p.name for p in checkpoints.folder.glob("checkpoint-*")) == ["checkpoint-4"]
     assert ResumableCheckpoints(tmp_path, "finetune", {"recipe": 2}).open() is None  # another recipe's
     assert not list(checkpoints.folder.glob("checkpoint-*"))
+
+
+def test_interrupted_movement_importance_continues_with_its_scores(write_recipe, monkeypatch):
+    from eftnas_cli.ranking import MovementTrainer
+    from eftnas_cli.stages.importance import compute_importance
+
+    path = write_recipe({"importance.method": "movement", "importance.start_from": "pretrained"})
+    every_step = "importance.checkpoint_minutes=1e-6"
+    uninterrupted = load_recipe(path, ["name=straight", every_step])
+    compute_importance(uninterrupted)
+
+    recipe = load_recipe(path, ["name=interrupted", every_step])
+    original = MovementTrainer.training_step
+
+    def step_then_crash(self, *args, **kwargs):
+        if self.state.global_step == 2:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MovementTrainer, "training_step", step_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        compute_importance(recipe)
+    monkeypatch.undo()
+    checkpoints = recipe.run_dir / "checkpoints" / "importance"
+    assert (checkpoints / "checkpoint-2").is_dir() and not (recipe.run_dir / "importance").exists()
+
+    resumed_from = record_resumes(monkeypatch)
+    compute_importance(recipe)
+    assert resumed_from == [str(checkpoints / "checkpoint-2")]
+    assert not (recipe.run_dir / "checkpoints").exists()
+    straight, resumed = (load_file(str(r.run_dir / "importance" / "importance.safetensors")) for r in (uninterrupted, recipe))
+    # The scores were restored from the checkpoint with the weights and the optimizer: the same ranking.
+    for name in ("heads", "neurons"):
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6, msg=name)

@@ -10,8 +10,6 @@ from plain weight magnitude.
 
 from __future__ import annotations
 
-import shutil
-
 from safetensors.torch import save_file
 from transformers import set_seed
 
@@ -23,6 +21,7 @@ from eftnas_cli.plots import importance_heatmap
 from eftnas_cli.pruning import ThresholdPruner
 from eftnas_cli.recipe import Recipe
 from eftnas_cli.rundir import RunDir, holds_lock, write_json
+from eftnas_cli.training import ResumableCheckpoints, training_fingerprint
 from eftnas_cli.ui import console
 
 # The heatmap shades each unit by how many of these MACs budgets (fractions of the encoder) keep it.
@@ -42,11 +41,18 @@ def compute_importance(recipe: Recipe) -> dict:
         data = recipe_task_data(recipe, tokenizer)
     set_seed(recipe.seed)  # a pretrained start gets a fresh classifier head: the same one every run
     model = load_model(source, data.spec)
+    inputs = model_files(source) if section.source == "teacher" else []
+    checkpoints = ResumableCheckpoints(run.path, "importance", training_fingerprint(recipe, "importance", inputs))
+    resume_from = None
+    if section.method in ranking.TRAINING_METHODS:  # the main process decides for every rank
+        resume_from = distributed.on_main(checkpoints.open)
+        console.print(f"importance: continuing from {resume_from}" if resume_from else
+                      "importance: starting (no checkpoint of this recipe yet)", soft_wrap=True)
     with run.stage("importance") as out:
-        for path in model_files(source) if section.source == "teacher" else []:
+        for path in inputs:
             out.add_input(path)
-        work_dir = out.dir / "work"
-        result = ranking.METHODS[section.method](model, data, section, ranking.RankingRun(recipe.seed, recipe.device, work_dir))
+        result = ranking.METHODS[section.method](
+            model, data, section, ranking.RankingRun(recipe.seed, recipe.device, checkpoints.folder, resume_from))
         heads, neurons = result.heads.float().contiguous(), result.neurons.float().contiguous()
         pruner = ThresholdPruner(model.config, heads, neurons, seq_len=section.seq_len)
         full = pruner.macs(pruner.subnet(0.0))
@@ -59,10 +65,11 @@ def compute_importance(recipe: Recipe) -> dict:
             "rank_correlation_with_weight_magnitude": ranking.magnitude_rank_correlation(model, heads, neurons),
         }
         if out.writes:
-            shutil.rmtree(work_dir, ignore_errors=True)
             save_file({"heads": heads, "neurons": neurons}, str(out.dir / IMPORTANCE_FILE))
             importance_heatmap(heads, neurons, thresholds, out.dir / "heatmap.png")
             write_json(out.dir / "summary.json", out.metrics)
+    if distributed.is_main():
+        checkpoints.remove()
     _print_summary(out.metrics)
     return out.metrics
 
