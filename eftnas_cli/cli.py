@@ -129,12 +129,16 @@ def train_supernet(
 def search(
     recipe: Path = RECIPE,
     overrides: Optional[List[str]] = OVERRIDES,
-    storage: Optional[str] = typer.Option(None, help="Optuna storage URL shared by several workers"),
+    storage: Optional[str] = typer.Option(
+        None, help="study shared by workers on several machines: postgresql://user:password@host/db "
+        "(any SQLAlchemy URL Optuna takes), or journal:PATH (a file on a shared file system); "
+        "default: the run directory's SQLite file"),
+    workers: int = typer.Option(1, "--workers", min=1, help="local worker processes sharing the study"),
 ) -> None:
     """NSGA-II search of subnets: task metric vs MACs (and latency); writes the Pareto front."""
     from eftnas_cli.stages.search import search as stage
 
-    _run(stage, recipe, overrides, storage=storage)
+    _run(stage, recipe, overrides, storage=storage, workers=workers)
 
 
 @app.command()
