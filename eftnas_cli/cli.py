@@ -54,6 +54,8 @@ def _errors_reported():
     """The project's own errors (mistakes the user can fix) become one red line and exit code 2;
     an interruption one line naming the stage, exit code 130; anything else is a bug: a short
     message, exit code 1, and the traceback with EFTNAS_DEBUG=1."""
+    from rich.markup import escape
+
     from eftnas_cli.errors import EftnasError
     from eftnas_cli.ui import console
 
@@ -64,7 +66,8 @@ def _errors_reported():
         try:
             yield
         except EftnasError as error:
-            console.print(f"[red]error:[/red] {error}", soft_wrap=True)
+            # escape: a message may hold brackets (`pip install 'eftnas[postgres]'`), not markup
+            console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
             raise typer.Exit(2) from None
         except typer.Exit:
             raise
@@ -75,7 +78,7 @@ def _errors_reported():
                           soft_wrap=True)
             raise typer.Exit(130) from None
         except Exception as error:  # noqa: BLE001 - the last resort of the command line
-            console.print(f"[red]internal error:[/red] {type(error).__name__}: {error}", soft_wrap=True)
+            console.print(f"[red]internal error:[/red] {type(error).__name__}: {escape(str(error))}", soft_wrap=True)
             console.print("this is a bug in eftnas or a library under it; run again with EFTNAS_DEBUG=1 for the traceback",
                           soft_wrap=True)
             raise typer.Exit(1) from None
