@@ -359,7 +359,9 @@ def search(recipe: Recipe, storage: str | None = None, workers: int = 1) -> dict
     searcher = Searcher.load(recipe)
     storage_url = storage or studies.default_storage_url(searcher.run.path)
     study = searcher.open_study(storage_url, shared=storage is not None or workers > 1)
-    if workers == 1:
+    if workers > 1 and studies.StudyState.read(study).done(searcher.wanted):
+        console.print("search: the study holds its budget of trials already; no worker started")
+    elif workers == 1:
         with progress() as bar:
             task = bar.add_task("NSGA-II search", total=searcher.wanted, status="")
             searcher.evaluate(study, lambda state: bar.update(task, completed=len(state.complete),
@@ -369,7 +371,8 @@ def search(recipe: Recipe, storage: str | None = None, workers: int = 1) -> dict
             state = studies.StudyState.read(study)
             return len(state.complete), searcher.status(study, state)
 
-        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // workers)
         run_workers(_search_worker, (recipe, storage_url, threads), workers, "NSGA-II search", searcher.wanted, poll)
     return searcher.write(study, started)
 
