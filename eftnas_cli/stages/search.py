@@ -42,9 +42,7 @@ from eftnas_cli.workers import run_workers
 BY = "search"
 # Proposals per distinct subnet at most (per worker), before a search that keeps re-proposing seen subnets ends.
 MAX_PROPOSALS_PER_TRIAL = 10
-# A trial's user attributes: what a measure records (and a repeat copies); which worker measured
-# it; which trial a repeat copied.
-MEASURED_ATTRS = ("subnet", "macs", "params", "metrics")
+# A trial's user attributes besides its measures: which worker measured it; which trial a repeat copied.
 WORKER_ATTR = "worker"
 REPEAT_ATTR = "repeat_of"
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
@@ -131,9 +129,8 @@ class SubnetObjective:
         state = studies.StudyState.read(trial.study)
         claim = state.decide(trial.number, key, self.wanted)
         if claim is studies.Claim.REPEAT:
+            # The values tell the sampler; the records (`trial_records`) come from the first trial.
             first = state.complete[key]
-            for name in MEASURED_ATTRS:
-                trial.set_user_attr(name, first.user_attrs[name])
             trial.set_user_attr(REPEAT_ATTR, first.number)
             return tuple(first.values)
         if claim is not studies.Claim.EVALUATE:
@@ -262,9 +259,10 @@ class Searcher:
                     study.enqueue_trial(self.supernet.space.params_of(subnet))
         return study
 
-    def status(self, study: optuna.Study, state: studies.StudyState) -> str:
+    @staticmethod
+    def status(state: studies.StudyState) -> str:
         best = max((trial.values[0] for trial in state.complete.values()), default=float("nan"))
-        return f"front {len(study.best_trials)} · best {best:.4f}"
+        return f"best {best:.4f}"
 
     def evaluate(self, study: optuna.Study, show: Callable[[studies.StudyState], None]) -> None:
         """Propose and measure subnets until the study holds `wanted` distinct ones (whoever measured them)."""
@@ -365,11 +363,11 @@ def search(recipe: Recipe, storage: str | None = None, workers: int = 1) -> dict
         with progress() as bar:
             task = bar.add_task("NSGA-II search", total=searcher.wanted, status="")
             searcher.evaluate(study, lambda state: bar.update(task, completed=len(state.complete),
-                                                              status=searcher.status(study, state)))
+                                                              status=searcher.status(state)))
     else:
         def poll() -> tuple[int, str]:
             state = studies.StudyState.read(study)
-            return len(state.complete), searcher.status(study, state)
+            return len(state.complete), searcher.status(state)
 
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         threads = max(1, cores // workers)
