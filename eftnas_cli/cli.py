@@ -55,6 +55,8 @@ def _errors_reported():
     an interruption one line naming the stage, exit code 130; anything else is a bug: a short
     message, exit code 1, and the traceback with EFTNAS_DEBUG=1. Under a multi-process launcher
     the main process reports the first two for all ranks, and every rank reports its own bug."""
+    from rich.markup import escape
+
     from eftnas_cli.errors import EftnasError
     from eftnas_cli.ui import console
 
@@ -67,7 +69,8 @@ def _errors_reported():
             yield
         except EftnasError as error:
             if rank == 0:
-                console.print(f"[red]error:[/red] {error}", soft_wrap=True)
+                # escape: a message may hold brackets (`pip install 'eftnas[postgres]'`), not markup
+                console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
             raise typer.Exit(2) from None
         except typer.Exit:
             raise
@@ -81,7 +84,7 @@ def _errors_reported():
         except Exception as error:  # noqa: BLE001 - the last resort of the command line
             console.quiet = False
             where = f"rank {rank}: " if "RANK" in os.environ else ""
-            console.print(f"[red]internal error:[/red] {where}{type(error).__name__}: {error}", soft_wrap=True)
+            console.print(f"[red]internal error:[/red] {where}{type(error).__name__}: {escape(str(error))}", soft_wrap=True)
             console.print("this is a bug in eftnas or a library under it; run again with EFTNAS_DEBUG=1 for the traceback",
                           soft_wrap=True)
             raise typer.Exit(1) from None
@@ -149,12 +152,16 @@ def train_supernet(
 def search(
     recipe: Path = RECIPE,
     overrides: Optional[List[str]] = OVERRIDES,
-    storage: Optional[str] = typer.Option(None, help="Optuna storage URL shared by several workers"),
+    storage: Optional[str] = typer.Option(
+        None, help="study shared by workers on several machines: postgresql://user:password@host/db "
+        "(any SQLAlchemy URL Optuna takes), or journal:PATH (a file on a shared file system); "
+        "default: the run directory's SQLite file"),
+    workers: int = typer.Option(1, "--workers", min=1, help="local worker processes sharing the study"),
 ) -> None:
     """NSGA-II search of subnets: task metric vs MACs (and latency); writes the Pareto front."""
     from eftnas_cli.stages.search import search as stage
 
-    _run("search", stage, recipe, overrides, storage=storage)
+    _run("search", stage, recipe, overrides, storage=storage, workers=workers)
 
 
 @app.command()

@@ -32,6 +32,7 @@ from filelock import FileLock, Timeout
 from eftnas_cli import distributed
 from eftnas_cli.errors import Interrupted, RecipeError, UpstreamError
 from eftnas_cli.recipe import Recipe, dump_recipe
+from eftnas_cli.ui import console
 
 # Stage name -> the recipe section it is configured by (and the folder it writes).
 STAGE_SECTIONS = {
@@ -216,24 +217,24 @@ class RunDir:
 
     # ---- the writer lock ----------------------------------------------------------------
     @contextlib.contextmanager
-    def lock(self, command: str) -> Iterator[None]:
+    def lock(self, command: str, wait_s: float = 0) -> Iterator[None]:
         """Hold the run directory's writer lock while `command` (a stage, `run`...) writes to it.
 
         Re-entrant within a process: `eftnas run` holds it while each stage takes it again. Another
-        process is refused at once. The lock is a flock, which dies with its process: a killed
-        holder never blocks. The outermost holder creates the run directory and removes what
-        killed writers left; on release it removes the lock files, and the folders it created if
-        they are empty (the command wrote nothing). An interruption comes out as `Interrupted`,
-        naming the innermost command that was running. In a multi-process run
-        (`eftnas_cli.distributed`) the main process holds it for all ranks, and its refusal is
-        every rank's.
+        process is refused at once, or after waiting `wait_s` seconds for the holder. The lock is a
+        flock, which dies with its process: a killed holder never blocks. The outermost holder
+        creates the run directory and removes what killed writers left; on release it removes the
+        lock files, and the folders it created if they are empty (the command wrote nothing). An
+        interruption comes out as `Interrupted`, naming the innermost command that was running. In
+        a multi-process run (`eftnas_cli.distributed`) the main process holds it for all ranks, and
+        its refusal is every rank's.
         """
         lock = None
         if distributed.is_main():
             lock = FileLock(self.path.resolve() / LOCK_FILE, timeout=0, thread_local=False, is_singleton=True,
                             fallback_to_soft=False)
         outermost = lock is not None and not lock.is_locked
-        created = distributed.on_main(lambda: self._acquire(lock))
+        created = distributed.on_main(lambda: self._acquire(lock, wait_s))
         try:
             if outermost:
                 self._remove_leftovers()
@@ -256,16 +257,22 @@ class RunDir:
                 finally:
                     lock.release()
 
-    def _acquire(self, lock: FileLock) -> list[Path]:
-        """Create the run directory and take `lock`; returns the folders made (deepest first)."""
+    def _acquire(self, lock: FileLock, wait_s: float) -> list[Path]:
+        """Create the run directory and take `lock`, waiting up to `wait_s` seconds for another
+        holder; returns the folders made (deepest first)."""
         created = self._create()
         try:
             lock.acquire()
         except Timeout:
-            raise UpstreamError(
-                f"run directory {self.path} is in use by {self._holder()}: wait for it to finish or stop it, "
-                "or pick another `name=`"
-            ) from None
+            if wait_s > 0:
+                console.print(f"waiting up to {wait_s:.0f} s for run directory {self.path}, in use by {self._holder()}")
+            try:
+                lock.acquire(timeout=wait_s)
+            except Timeout:
+                raise UpstreamError(
+                    f"run directory {self.path} is in use by {self._holder()}: wait for it to finish or stop it, "
+                    "or pick another `name=`"
+                ) from None
         return created
 
     def _create(self) -> list[Path]:

@@ -1,6 +1,7 @@
 """Killed or interrupted stages continue where they stopped (#11): finetune from its checkpoints,
 search from its study (train-supernet's own tests are in test_train_supernet.py)."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -91,7 +92,13 @@ def test_checkpoints_of_another_recipe_are_not_continued(write_recipe, monkeypat
 
 def last_complete_step(checkpoints) -> int:
     """The step of the latest checkpoint written to its end (the kill may cut the next one short)."""
-    return max(int(p.parent.name.removeprefix("checkpoint-")) for p in checkpoints.glob("checkpoint-*/trainer_state.json"))
+    steps = []
+    for state in checkpoints.glob("checkpoint-*/trainer_state.json"):
+        try:
+            steps.append(json.loads(state.read_text())["global_step"])
+        except ValueError:  # the kill cut this one short while writing its state
+            pass
+    return max(steps)
 
 
 def cli(stage: str, recipe_file, *overrides) -> list[str]:

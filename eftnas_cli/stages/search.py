@@ -2,11 +2,14 @@
 
 The objectives are a table (`OBJECTIVES`): the study's directions and name, the columns of
 `trials.csv` and the N-dimensional Pareto front all derive from it, so adding one is one entry.
-The study lives in an SQLite file of the run directory (`<run>/studies/`), outside the stage's
-atomically replaced folder, so a re-run — or a crashed one — continues it; `--storage` points
-several workers at one shared study instead. Outputs: every trial (`trials.csv`, `trials.json`),
-the Pareto front and the best subnet per MACs budget (`pareto.json`, which export and the
-benchmarks read), and `pareto.png`.
+The study lives in an Optuna storage (`studies`): by default an SQLite file of the run directory
+(`<run>/studies/`), outside the stage's atomically replaced folder, so a re-run — or a crashed
+one — continues it; `--storage` (PostgreSQL, a journal file) lets workers on several machines
+share one study, and `--workers N` starts N local workers. Workers claim each subnet in the study
+before measuring it, so none is measured twice and the budget of trials counts for the whole
+study. Outputs, written from the study's content alone by a worker that finds the study done:
+every trial (`trials.csv`, `trials.json`), the Pareto front and the best subnet per MACs budget
+(`pareto.json`, which export and the benchmarks read), and `pareto.png`.
 """
 
 from __future__ import annotations
@@ -15,28 +18,37 @@ import csv
 import hashlib
 import json
 import logging
+import os
+import socket
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 
-from eftnas_cli import artifacts, elastic
+from eftnas_cli import artifacts, elastic, studies
 from eftnas_cli.data import TaskData, recipe_task_data
+from eftnas_cli.errors import UpstreamError, UserError
 from eftnas_cli.models import best_device, load_model, load_tokenizer
 from eftnas_cli.plots import pareto_plot
 from eftnas_cli.recipe import Recipe, SearchSection
-from eftnas_cli.rundir import RunDir, holds_lock, write_json
+from eftnas_cli.rundir import RunDir, write_json
 from eftnas_cli.supernet import Supernet
 from eftnas_cli.training import evaluate
 from eftnas_cli.ui import console, percent_of, progress
+from eftnas_cli.workers import run_workers
 
 BY = "search"
-# Proposals per distinct subnet at most, before a search that keeps re-proposing seen subnets ends.
+# Proposals per distinct subnet at most (per worker), before a search that keeps re-proposing seen subnets ends.
 MAX_PROPOSALS_PER_TRIAL = 10
-HEARTBEAT_S = 30  # a running trial's heartbeat: a trial silent for two is stale
+# A trial's user attributes besides its measures: which worker measured it; which trial a repeat copied.
+WORKER_ATTR = "worker"
+REPEAT_ATTR = "repeat_of"
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
+# How long a worker whose study is done waits for another holder of the run directory's lock
+# (another worker writing the same result, say) before it leaves the writing to a re-run.
+WRITE_LOCK_WAIT_S = 120
 
 
 class SubnetEvaluator:
@@ -93,12 +105,13 @@ def objectives_for(section: SearchSection) -> list[Objective]:
 
 
 class SubnetObjective:
-    """The Optuna objective: one trial's subnet, measured on every objective; identical subnets
-    are measured once (a repeat copies the first trial's values)."""
+    """The Optuna objective: one trial's subnet, measured on every objective. The trial claims its
+    subnet in the study before it measures (`studies`): a subnet some trial measured is a repeat
+    (its values are copied), one that another worker is measuring or that would exceed the
+    budget of `wanted` distinct subnets is withdrawn (the trial ends pruned)."""
 
-    def __init__(self, evaluator: SubnetEvaluator, objectives: list[Objective], max_budget: float):
-        self.evaluator, self.objectives, self.max_budget = evaluator, objectives, max_budget
-        self.seen: dict[tuple, optuna.trial.FrozenTrial] = {}
+    def __init__(self, evaluator: SubnetEvaluator, objectives: list[Objective], max_budget: float, wanted: int):
+        self.evaluator, self.objectives, self.max_budget, self.wanted = evaluator, objectives, max_budget, wanted
 
     @property
     def space(self) -> elastic.SearchSpace:
@@ -111,21 +124,23 @@ class SubnetObjective:
         macs = supernet.macs(subnet)
         # NSGA-II prefers feasible subnets: those within the largest MACs budget (value <= 0).
         trial.set_constraint("macs_budget", macs / supernet.full_macs - self.max_budget)
-        key = tuple(sorted(params.items()))
-        if key in self.seen:
-            for name, value in self.seen[key].user_attrs.items():
-                trial.set_user_attr(name, value)
-            return tuple(self.seen[key].values)
+        key = studies.subnet_key(params)
+        trial.set_user_attr(studies.CLAIM_ATTR, key)  # written before the study is read: see `studies`
+        state = studies.StudyState.read(trial.study)
+        claim = state.decide(trial.number, key, self.wanted)
+        if claim is studies.Claim.REPEAT:
+            # The values tell the sampler; the records (`trial_records`) come from the first trial.
+            first = state.complete[key]
+            trial.set_user_attr(REPEAT_ATTR, first.number)
+            return tuple(first.values)
+        if claim is not studies.Claim.EVALUATE:
+            raise optuna.TrialPruned(f"withdrawn: {claim.value}")
         values = {objective.name: objective.measure(self.evaluator, subnet) for objective in self.objectives}
         attrs = {"subnet": subnet.to_dict(), "macs": macs, "params": supernet.params(subnet),
-                 "metrics": self.evaluator.task_metrics(subnet)}
+                 "metrics": self.evaluator.task_metrics(subnet), WORKER_ATTR: WORKER}
         for name, value in attrs.items():
             trial.set_user_attr(name, value)
         return tuple(values.values())
-
-    def remember(self, trial: optuna.trial.FrozenTrial) -> None:
-        if trial.state == optuna.trial.TrialState.COMPLETE:
-            self.seen.setdefault(tuple(sorted(trial.params.items())), trial)
 
 
 def dominates(a: dict, b: dict, objectives: list[Objective]) -> bool:
@@ -183,99 +198,192 @@ def _write_trials_csv(records: list[dict], objectives: list[Objective], full_mac
             ])
 
 
-def _open_study(recipe: Recipe, run: RunDir, objectives: list[Objective], rows, storage: str | None) -> optuna.Study:
-    optuna.logging.set_verbosity(logging.WARNING)
-    # Trials are only comparable for one super-network, space, set of evaluation rows and objectives.
-    supernet_outputs = json.dumps(run.record("train-supernet")["outputs"], sort_keys=True)
-    space_id = hashlib.sha256(f"{supernet_outputs}{rows._fingerprint}{len(rows)}".encode()).hexdigest()[:12]
-    if storage is None:
-        (run.path / "studies").mkdir(parents=True, exist_ok=True)
-        storage = f"sqlite:///{(run.path / 'studies' / 'search.db').resolve()}"
-    # A trial whose process was killed stops beating; Optuna then marks it failed (optimize checks
-    # for stale trials), and the distinct-subnet count has it redone.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since Optuna 2.9
-        storage = optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=2 * HEARTBEAT_S)
-    extra = "".join(f"-{o.name}" for o in objectives[2:])  # beyond the two every search has
-    return optuna.create_study(
-        study_name=f"{recipe.name}-{space_id}{extra}",
-        storage=storage,
-        directions=[o.direction for o in objectives],
-        sampler=optuna.samplers.NSGAIISampler(population_size=recipe.search.population, seed=recipe.seed),
-        load_if_exists=True,
-    )
+@dataclass
+class Searcher:
+    """What every worker of a search loads (the super-network, the search rows, the objectives),
+    and what one study of them does: open, evaluate, write the result."""
 
+    recipe: Recipe
+    run: RunDir
+    data: TaskData
+    device: str
+    evaluator: SubnetEvaluator
+    objectives: list[Objective]
 
-@holds_lock("search")
-def search(recipe: Recipe, storage: str | None = None) -> dict:
-    """Runs (or continues) the NSGA-II study; writes trials.csv, pareto.json and pareto.png."""
-    started = time.perf_counter()
-    run = RunDir(recipe)
-    section = recipe.search
-    inputs = Supernet.input_files(run, by=BY)  # first: the upstream stage a user most likely lacks
-    teacher_dir = artifacts.teacher_folder(recipe, run, by=BY)
-    tokenizer = load_tokenizer(recipe.model.name)
-    data = recipe_task_data(recipe, tokenizer)
-    device = best_device(recipe.device)
-    supernet = Supernet.load(run, data.spec, by=BY).to(device)
-    full_macs = supernet.full_macs
-    evaluator = SubnetEvaluator(supernet, data, section)
-    objectives = objectives_for(section)
-    objective = SubnetObjective(evaluator, objectives, max(section.budgets))
-    teacher_metrics = evaluate(load_model(teacher_dir, data.spec).to(device), evaluator.rows, data.collator, data.spec,
-                               section.eval_batch_size)
+    @classmethod
+    def load(cls, recipe: Recipe) -> Searcher:
+        run = RunDir(recipe)
+        Supernet.input_files(run, by=BY)  # first: the upstream stage a user most likely lacks
+        artifacts.teacher_folder(recipe, run, by=BY)
+        data = recipe_task_data(recipe, load_tokenizer(recipe.model.name))
+        device = best_device(recipe.device)
+        supernet = Supernet.load(run, data.spec, by=BY).to(device)
+        return cls(recipe, run, data, device, SubnetEvaluator(supernet, data, recipe.search), objectives_for(recipe.search))
 
-    study = _open_study(recipe, run, objectives, evaluator.rows, storage)
-    for trial in study.get_trials(deepcopy=False):
-        objective.remember(trial)
-    if not study.trials:
-        # Seed the first generation with the boundary subnets gen-space found within the budgets.
-        for macs, subnet in supernet.space.target_subnets():
-            if macs <= max(section.budgets) * full_macs * 1.02:
-                study.enqueue_trial(supernet.space.params_of(subnet))
-    # Trials count distinct subnets: NSGA-II re-proposes subnets it has seen, which cost no
-    # evaluation (their first values are copied) and do not use up the budget of trials.
-    wanted = min(section.trials, supernet.space.size())
-    console.print(f"search: continuing the study, {len(objective.seen)} of {wanted} subnets already evaluated"
-                  if objective.seen else f"search: starting a study of {wanted} subnets")
-    with progress() as bar:
-        task = bar.add_task("NSGA-II search", total=wanted, completed=len(objective.seen), status="")
+    @property
+    def supernet(self) -> Supernet:
+        return self.evaluator.supernet
 
-        def report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-            objective.remember(trial)
-            best = max((t.values[0] for t in study.best_trials), default=float("nan"))
-            bar.update(task, completed=len(objective.seen), status=f"front {len(study.best_trials)} · best {best:.4f}")
-            if len(objective.seen) >= wanted:
+    @property
+    def wanted(self) -> int:
+        """The study's budget of trials, all workers together. Trials count distinct subnets: NSGA-II
+        re-proposes subnets it has seen, which cost no evaluation and do not use up the budget."""
+        return min(self.recipe.search.trials, self.supernet.space.size())
+
+    def study_name(self) -> str:
+        """Trials are only comparable for one super-network, set of evaluation rows and objectives."""
+        rows = self.evaluator.rows
+        supernet_outputs = json.dumps(self.run.record("train-supernet")["outputs"], sort_keys=True)
+        space_id = hashlib.sha256(f"{supernet_outputs}{rows._fingerprint}{len(rows)}".encode()).hexdigest()[:12]
+        extra = "".join(f"-{o.name}" for o in self.objectives[2:])  # beyond the two every search has
+        return f"{self.recipe.name}-{space_id}{extra}"
+
+    def open_study(self, storage_url: str, shared: bool) -> optuna.Study:
+        """Create or load the study. A lone worker's sampler is seeded by the recipe; workers that
+        share a study (`shared`, or trials of another worker in progress) each seed theirs at
+        random: a shared study's order depends on timing anyway, and equal seeds would have the
+        workers propose the same subnets in lockstep."""
+        optuna.logging.set_verbosity(logging.WARNING)
+        section = self.recipe.search
+        study = optuna.create_study(study_name=self.study_name(), storage=studies.open_storage(storage_url),
+                                    directions=[o.direction for o in self.objectives], load_if_exists=True)
+        studies.fail_stale_trials(study)
+        shared = shared or bool(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+        study.sampler = optuna.samplers.NSGAIISampler(population_size=section.population,
+                                                      seed=None if shared else self.recipe.seed)
+        if not study.trials:
+            # Seed the first generation with the boundary subnets gen-space found within the budgets.
+            full_macs = self.supernet.full_macs
+            for macs, subnet in self.supernet.space.target_subnets():
+                if macs <= max(section.budgets) * full_macs * 1.02:
+                    study.enqueue_trial(self.supernet.space.params_of(subnet))
+        return study
+
+    @staticmethod
+    def status(state: studies.StudyState) -> str:
+        best = max((trial.values[0] for trial in state.complete.values()), default=float("nan"))
+        return f"best {best:.4f}"
+
+    def evaluate(self, study: optuna.Study, show: Callable[[studies.StudyState], None]) -> None:
+        """Propose and measure subnets until the study holds `wanted` distinct ones (whoever measured them)."""
+        wanted = self.wanted
+        objective = SubnetObjective(self.evaluator, self.objectives, max(self.recipe.search.budgets), wanted)
+
+        def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            # A worker whose budget is all claimed by trials in progress waits for them instead of proposing.
+            state = studies.wait_for_budget(study, wanted, show)
+            show(state)
+            if state.done(wanted):
                 study.stop()
 
-        if len(objective.seen) < wanted:
-            study.optimize(objective, n_trials=MAX_PROPOSALS_PER_TRIAL * wanted, callbacks=[report])
+        state = studies.wait_for_budget(study, wanted, show)
+        console.print(f"search: continuing the study, {len(state.complete)} of {wanted} subnets already evaluated"
+                      if state.complete else f"search: starting a study of {wanted} subnets")
+        show(state)
+        if not state.done(wanted):
+            study.optimize(objective, n_trials=MAX_PROPOSALS_PER_TRIAL * wanted, callbacks=[after_trial])
 
-    records = trial_records(study, objectives)
-    front = pareto_front(records, objectives)
-    teacher = {"score": teacher_metrics["score"], "metrics": teacher_metrics, "macs": full_macs, "gmacs": full_macs / 1e9}
-    result = {
-        "metric": data.spec.main_metric,
-        "objectives": {o.name: o.direction for o in objectives},
-        "eval_rows": len(evaluator.rows),
-        "eval_split": "search rows (held out of train)" if data.search_rows is not None else data.main_split,
-        "full_macs": full_macs,
-        "teacher": teacher,
-        "front": sorted(front, key=lambda t: t["macs"]),
-        "best_per_budget": best_per_budget(records, section.budgets, full_macs),
-    }
-    with run.stage("search", started) as out:
-        for path in [*inputs, *artifacts.model_files(teacher_dir)]:
-            out.add_input(path)
-        _write_trials_csv(records, objectives, full_macs, out.dir / "trials.csv")
-        write_json(out.dir / artifacts.TRIALS_FILE, records)
-        write_json(out.dir / artifacts.PARETO_FILE, result)
-        pareto_plot(records, front, teacher, data.spec.main_metric, out.dir / "pareto.png")
-        out.metrics = {"trials": len(records), "front_size": len(front), "teacher_score": teacher["score"],
-                       "best_per_budget": {b: (t and {"score": t["score"], "gmacs": t["gmacs"], "trial": t["trial"]})
-                                           for b, t in result["best_per_budget"].items()}}
-    _print_best(result)
-    return out.metrics
+    def teacher(self, study: optuna.Study) -> dict:
+        """The teacher's record, measured by the first writer and kept in the study, so every
+        writer's pareto.json reads the same figures."""
+        if "teacher" not in study.user_attrs:
+            spec = self.data.spec
+            teacher_dir = artifacts.teacher_folder(self.recipe, self.run, by=BY)
+            metrics = evaluate(load_model(teacher_dir, spec).to(self.device), self.evaluator.rows, self.data.collator, spec,
+                               self.recipe.search.eval_batch_size)
+            full_macs = self.supernet.full_macs
+            study.set_user_attr("teacher", {"score": metrics["score"], "metrics": metrics, "macs": full_macs,
+                                            "gmacs": full_macs / 1e9})
+        return study.user_attrs["teacher"]
+
+    def write(self, study: optuna.Study, started: float) -> dict:
+        """Write trials.csv, trials.json, pareto.json and pareto.png from the study's content alone,
+        under the run directory's writer lock; any worker writing a done study writes the same files."""
+        run, section, objectives = self.run, self.recipe.search, self.objectives
+        with run.lock("search", wait_s=WRITE_LOCK_WAIT_S):
+            inputs = Supernet.input_files(run, by=BY)
+            if self.study_name() != study.study_name:
+                raise UpstreamError(f"the super-network of {run.path} changed while the search ran: run `eftnas search` again")
+            teacher_dir = artifacts.teacher_folder(self.recipe, run, by=BY)
+            teacher = self.teacher(study)
+            records = trial_records(study, objectives)
+            front = pareto_front(records, objectives)
+            full_macs = self.supernet.full_macs
+            result = {
+                "metric": self.data.spec.main_metric,
+                "objectives": {o.name: o.direction for o in objectives},
+                "eval_rows": len(self.evaluator.rows),
+                "eval_split": "search rows (held out of train)" if self.data.search_rows is not None else self.data.main_split,
+                "full_macs": full_macs,
+                "teacher": teacher,
+                "front": sorted(front, key=lambda t: t["macs"]),
+                "best_per_budget": best_per_budget(records, section.budgets, full_macs),
+            }
+            if self._written_already(records, result):
+                console.print(f"search: {run.stage_dir('search')} already holds this study's result")
+                metrics = run.record("search")["metrics"]
+            else:
+                with run.stage("search", started) as out:
+                    for path in [*inputs, *artifacts.model_files(teacher_dir)]:
+                        out.add_input(path)
+                    _write_trials_csv(records, objectives, full_macs, out.dir / "trials.csv")
+                    write_json(out.dir / artifacts.TRIALS_FILE, records)
+                    write_json(out.dir / artifacts.PARETO_FILE, result)
+                    pareto_plot(records, front, teacher, self.data.spec.main_metric, out.dir / "pareto.png")
+                    out.metrics = {"trials": len(records), "front_size": len(front), "teacher_score": teacher["score"],
+                                   "best_per_budget": {b: (t and {"score": t["score"], "gmacs": t["gmacs"], "trial": t["trial"]})
+                                                       for b, t in result["best_per_budget"].items()}}
+                metrics = out.metrics
+        _print_best(result)
+        return metrics
+
+    def _written_already(self, records: list[dict], result: dict) -> bool:
+        """Another worker of the same study wrote these files (same recipe, inputs and content)."""
+        folder = self.run.stage_dir("search")
+        if not self.run.is_current("search"):
+            return False
+        written = [json.loads((folder / name).read_text()) for name in (artifacts.TRIALS_FILE, artifacts.PARETO_FILE)]
+        return written == json.loads(json.dumps([records, result], default=str))
+
+
+def search(recipe: Recipe, storage: str | None = None, workers: int = 1) -> dict:
+    """Runs (or continues) the NSGA-II study in `workers` local processes, with the workers of
+    other machines when `storage` is shared, then writes trials.csv, pareto.json and pareto.png.
+
+    Workers measure subnets without the run directory's writer lock (they read the run directory
+    and write only the study, whose storage orders its writers); the lock is taken to write
+    `search/`, once the study holds its budget of trials."""
+    if workers < 1:
+        raise UserError(f"--workers {workers}: at least 1")
+    started = time.perf_counter()
+    searcher = Searcher.load(recipe)
+    storage_url = storage or studies.default_storage_url(searcher.run.path)
+    study = searcher.open_study(storage_url, shared=storage is not None or workers > 1)
+    if workers > 1 and studies.StudyState.read(study).done(searcher.wanted):
+        console.print("search: the study holds its budget of trials already; no worker started")
+    elif workers == 1:
+        with progress() as bar:
+            task = bar.add_task("NSGA-II search", total=searcher.wanted, status="")
+            searcher.evaluate(study, lambda state: bar.update(task, completed=len(state.complete),
+                                                              status=searcher.status(state)))
+    else:
+        def poll() -> tuple[int, str]:
+            state = studies.StudyState.read(study)
+            return len(state.complete), searcher.status(state)
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // workers)
+        run_workers(_search_worker, (recipe, storage_url, threads), workers, "NSGA-II search", searcher.wanted, poll)
+    return searcher.write(study, started)
+
+
+def _search_worker(recipe: Recipe, storage_url: str, threads: int) -> None:
+    """One of `--workers`' processes: measures subnets until the study is done; the parent writes."""
+    import torch
+
+    torch.set_num_threads(threads)  # the workers share the machine's cores
+    searcher = Searcher.load(recipe)
+    searcher.evaluate(searcher.open_study(storage_url, shared=True), show=lambda state: None)
 
 
 def _print_best(result: dict) -> None:

@@ -1,0 +1,188 @@
+"""Search workers sharing one study: the claim rule on its own, then two real workers on a tiny
+run against a throwaway PostgreSQL server, SQLite (`--workers 2`) and a journal file. Each checks
+that the study measured exactly its budget of trials, all workers together, that no subnet was
+measured twice, and that pareto.json does not depend on which worker wrote it."""
+
+import json
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+from typer.testing import CliRunner
+
+from eftnas_cli import studies
+from eftnas_cli.cli import app
+from eftnas_cli.stages.search import REPEAT_ATTR, WORKER_ATTR
+from eftnas_cli.studies import Claim, StudyState
+from eftnas_cli.testing import write_tiny_recipe
+
+BUDGET = 12
+SEARCH = [f"search.trials={BUDGET}", "search.population=4"]
+
+
+# ---- the claim rule -------------------------------------------------------------------------------
+def complete_trial(number: int, heads: int) -> optuna.trial.FrozenTrial:
+    trial = optuna.trial.create_trial(params={"layer0.heads": heads},
+                                      distributions={"layer0.heads": optuna.distributions.CategoricalDistribution([1, 2, 3, 4])},
+                                      values=[0.5, 1.0])
+    trial.number = number
+    return trial
+
+
+def key(heads: int) -> str:
+    return studies.subnet_key({"layer0.heads": heads})
+
+
+def test_claim_rule():
+    state = StudyState(complete={key(1): complete_trial(0, 1)}, claims={3: key(2), 4: key(3)})
+    assert state.decide(4, key(3), wanted=3) is Claim.EVALUATE  # 3 distinct subnets: within the budget
+    assert state.decide(4, key(3), wanted=2) is Claim.FULL
+    assert state.decide(4, key(1), wanted=3) is Claim.REPEAT
+    state.claims[5] = key(3)  # two trials claim one subnet: each sees the other and withdraws
+    assert state.decide(4, key(3), wanted=9) is Claim.TAKEN and state.decide(5, key(3), wanted=9) is Claim.TAKEN
+    assert state.budget_taken(wanted=3) and not state.done(wanted=3)
+    assert not StudyState(claims={1: key(1)}).budget_taken(wanted=2)
+
+
+def test_study_state_reads_complete_trials_and_claims_of_running_ones():
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.add_trial(complete_trial(0, 1))
+    study.add_trial(complete_trial(1, 1))  # a repeat: the first trial stays the subnet's record
+    running = study.ask()
+    running.set_user_attr(studies.CLAIM_ATTR, key(2))
+    study.ask()  # running, not yet claimed: no subnet of its own yet
+    state = StudyState.read(study)
+    assert {k: t.number for k, t in state.complete.items()} == {key(1): 0}
+    assert state.claims == {running.number: key(2)}
+
+
+# ---- real workers ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_model_dir, tiny_glue_dir):
+    """A tiny run up to its super-network; each test searches in a copy of it."""
+    root = tmp_path_factory.mktemp("trained")
+    recipe = write_tiny_recipe(root / "recipe.yaml", root / "runs", tiny_model_dir, tiny_glue_dir)
+    result = CliRunner().invoke(app, ["run", str(recipe), "--until", "train-supernet", "finetune.epochs=1", "importance.epochs=1"])
+    assert result.exit_code == 0, result.output
+    return recipe, root / "runs" / "tiny"
+
+
+def copy_run(trained_run, output_dir: Path) -> list[str]:
+    """The trained run copied under `output_dir`; the overrides that point the recipe at it."""
+    _, run_dir = trained_run
+    shutil.copytree(run_dir, output_dir / run_dir.name)
+    return [f"output_dir={output_dir}", "finetune.epochs=1", "importance.epochs=1"]
+
+
+def start_worker(recipe: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "eftnas_cli.cli", "search", str(recipe), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(workers: list[subprocess.Popen]) -> list[str]:
+    outputs = [worker.communicate(timeout=600)[0] for worker in workers]
+    for worker, output in zip(workers, outputs):
+        assert worker.returncode == 0, output
+    return outputs
+
+
+def check_study(storage_url: str, run_dir: Path, workers: int) -> None:
+    """The study measured its budget, all workers together, each subnet once; search/ holds them."""
+    study = optuna.load_study(study_name=None, storage=studies.open_storage(storage_url))
+    trials = study.get_trials(deepcopy=False)
+    assert not [t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    measured = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and REPEAT_ATTR not in t.user_attrs]
+    subnets = Counter(studies.subnet_key(t.params) for t in measured)
+    assert [subnet for subnet, count in subnets.items() if count > 1] == [], "a subnet was measured twice"
+    assert len(measured) == BUDGET
+    by_worker = Counter(t.user_attrs[WORKER_ATTR] for t in measured)
+    assert len(by_worker) == workers and sum(by_worker.values()) == BUDGET, by_worker
+    records = json.loads((run_dir / "search" / "trials.json").read_text())
+    assert sorted(r["trial"] for r in records) == sorted(t.number for t in measured)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _postgres_bin() -> Path | None:
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).resolve().parent
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parts[-3]))
+    return candidates[-1].parent if candidates else None
+
+
+@pytest.fixture
+def postgres_url():
+    """A throwaway PostgreSQL server on 127.0.0.1, a free port and a temporary data folder, run by
+    an unprivileged user (PostgreSQL refuses root), stopped and removed afterwards."""
+    bin_dir = _postgres_bin()
+    if bin_dir is None or not (bin_dir / "initdb").exists():
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install postgresql")
+    as_user = {}
+    folder = Path(tempfile.mkdtemp(prefix="eftnas-postgres-"))
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        os.chown(folder, nobody.pw_uid, nobody.pw_gid)
+        as_user = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
+
+    def pg(*args: str) -> None:
+        subprocess.run([str(bin_dir / args[0]), *args[1:]], cwd=folder, check=True, capture_output=True, **as_user)
+
+    data, port = folder / "data", _free_port()
+    try:
+        pg("initdb", "-D", str(data), "-U", "eftnas", "--auth=trust", "--encoding=UTF8", "--no-locale", "--no-sync")
+        pg("pg_ctl", "-D", str(data), "-l", str(folder / "server.log"), "-w", "-t", "60", "start",
+           "-o", f"-h 127.0.0.1 -p {port} -k {folder} -c fsync=off")
+        try:
+            yield f"postgresql://eftnas@127.0.0.1:{port}/postgres"
+        finally:
+            pg("pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_two_workers_on_postgresql(trained_run, postgres_url, tmp_path):
+    """Two workers, each with its own copy of the run directory (two machines without a shared
+    file system): each writes its own search/ when the study is done, and the two are identical."""
+    recipe, _ = trained_run
+    copies = [copy_run(trained_run, tmp_path / f"machine{i}") for i in range(2)]
+    started = time.perf_counter()
+    outputs = finish([start_worker(recipe, *SEARCH, *overrides, "--storage", postgres_url) for overrides in copies])
+    print(f"2 workers on PostgreSQL, {BUDGET} trials: {time.perf_counter() - started:.1f} s wall")
+    runs = [tmp_path / f"machine{i}" / "tiny" / "search" for i in range(2)]
+    check_study(postgres_url, runs[0].parent, workers=2)
+    for name in ("pareto.json", "trials.json", "trials.csv"):
+        assert (runs[0] / name).read_bytes() == (runs[1] / name).read_bytes(), (name, outputs)
+
+
+def test_local_workers_on_sqlite(trained_run, tmp_path):
+    recipe, _ = trained_run
+    overrides = copy_run(trained_run, tmp_path)
+    result = CliRunner().invoke(app, ["search", str(recipe), *SEARCH, *overrides, "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "tiny"
+    check_study(studies.default_storage_url(run_dir), run_dir, workers=2)
+
+
+def test_two_workers_on_a_journal_file_in_one_run_directory(trained_run, tmp_path):
+    """Two workers on one run directory (a shared file system): both write search/ in turn, the
+    second finds the first's result identical to its own."""
+    recipe, _ = trained_run
+    overrides = copy_run(trained_run, tmp_path)
+    url = f"journal:{tmp_path / 'study.log'}"
+    outputs = finish([start_worker(recipe, *SEARCH, *overrides, "--storage", url) for _ in range(2)])
+    assert sum("already holds this study's result" in " ".join(output.split()) for output in outputs) == 1, outputs
+    check_study(url, tmp_path / "tiny", workers=2)
