@@ -8,7 +8,7 @@ from eftnas_cli.data import recipe_task_data
 from eftnas_cli.models import load_model, load_tokenizer, save_model
 from eftnas_cli.recipe import Recipe
 from eftnas_cli.rundir import RunDir, holds_lock, write_json
-from eftnas_cli.training import QuietTrainer, RichProgress, evaluate, trainer_metrics, training_arguments
+from eftnas_cli.training import RichProgress, TaskTrainer, evaluate, training_arguments
 from eftnas_cli.ui import console
 
 
@@ -26,14 +26,14 @@ def finetune(recipe: Recipe) -> dict:
     section = recipe.finetune
     with run.stage("finetune") as out:
         checkpoints = out.dir / "checkpoints"
-        trainer = QuietTrainer(
+        trainer = TaskTrainer(
             model=model,
             args=training_arguments(section, checkpoints, recipe.seed, device=recipe.device, main_metric="score"),
             train_dataset=data.train,
             eval_dataset=data.search,  # the best epoch is chosen on search rows, not validation
             data_collator=data.collator,
             processing_class=tokenizer,
-            compute_metrics=trainer_metrics(data.spec),
+            spec=data.spec,
             callbacks=[RichProgress(f"fine-tuning {recipe.model.name} on {data.spec.name}")],
         )
         trainer.train()
