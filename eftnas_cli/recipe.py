@@ -359,7 +359,7 @@ def _check_task(recipe: Recipe, source: str) -> None:
     if task.kind is tasks.EXTRACTIVE_QA:
         from eftnas_cli import qa
 
-        qa.check_windows(recipe.task.max_seq_length, recipe.task.doc_stride, source)
+        qa.check_windows(recipe.task.max_seq_length, recipe.task.doc_stride, f"{source}: task")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -199,7 +199,8 @@ class QAEvalSplit:
         examples = self.examples.select(indices)
         kept = set(examples["id"])
         windows = [index for index, example_id in enumerate(self.features["example_id"]) if example_id in kept]
-        return QAEvalSplit(examples, self.features.select(windows), self.settings)
+        # Flattened once here, not at every evaluation (postprocessing reads the Arrow table).
+        return QAEvalSplit(examples.flatten_indices(), self.features.select(windows).flatten_indices(), self.settings)
 
     @property
     def _fingerprint(self) -> str:
@@ -268,7 +269,8 @@ class ExtractiveQA:
             rows.examples, rows.features, outputs["start_logits"], outputs["end_logits"], version_2=task.version_2,
             n_best=rows.settings.n_best, max_answer_length=rows.settings.max_answer_length)
         references = {example["id"]: example["answers"]["text"] for example in rows.examples}
-        metrics = qa.squad_metrics(predictions, references, null_scores=null_scores if task.version_2 else None)
+        metrics = qa.squad_metrics(predictions, references, null_scores=null_scores if task.version_2 else None,
+                                   version_2=task.version_2)
         return {**metrics, "score": main_metric_value(task, metrics)}
 
     def reported_metrics(self, task: Task) -> tuple[str, ...]:

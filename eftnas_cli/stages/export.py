@@ -30,6 +30,8 @@ from eftnas_cli.training import distill, evaluate
 from eftnas_cli.ui import console, percent_of
 
 BY = "export"
+# Column titles of the closing table, short enough for an 80-column terminal.
+METRIC_TITLES = {"exact_match": "EM", "f1": "F1", "accuracy": "acc", "matthews_correlation": "MCC", "spearmanr": "spearman"}
 TEACHER = "teacher"
 CONVERTED_BACKENDS = ["onnxruntime", "openvino", "openvino_int8"]
 # An export label becomes a folder name under export/.
@@ -200,7 +202,7 @@ def print_summary(summary: dict, task: Task) -> None:
     metrics = task.reported_metrics
     table = Table(title=f"eftnas result: {', '.join(metrics)}, MACs and speed-up over the dense teacher in torch",
                   box=box.SIMPLE_HEAD, pad_edge=False)
-    for column in ("model", *metrics, *(["unpolished"] if polished else []), "% teacher", "GMACs",
+    for column in ("model", *(METRIC_TITLES.get(m, m) for m in metrics), *(["unpolished"] if polished else []), "% teacher", "GMACs",
                    *(name for name, _, _ in speedups)):
         table.add_column(column, justify="right", no_wrap=column in ("model", "GMACs"))
     table.add_row("teacher", *(f"{teacher['metrics'][m]:.4f}" for m in metrics), *([""] if polished else []), "100.0%",
