@@ -363,11 +363,12 @@ def model_outputs(model, rows: datasets.Dataset, collator, output_names, batch_s
     was_training = model.training
     model.eval()
     inputs = [name for name in MODEL_INPUTS if name in rows.column_names]
+    keys = [*inputs, *(["labels"] if with_labels else [])]
+    rows = rows.select_columns(keys)  # QA windows also hold offsets, which slicing would read for nothing
     collected: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
     labels = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start: start + batch_size]
-        keys = [*inputs, *(["labels"] if with_labels else [])]
         batch = collator([{key: chunk[key][i] for key in keys} for i in range(len(chunk[inputs[0]]))])
         if with_labels:
             labels.append(batch.pop("labels").numpy())
