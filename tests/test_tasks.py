@@ -18,6 +18,7 @@ from eftnas_cli.models import load_model, load_tokenizer
 from eftnas_cli.recipe import load_recipe
 from eftnas_cli.tasks import EXTRACTIVE_QA, REGRESSION, TASKS, get_task
 from eftnas_cli.testing import QA_KEYWORD, make_tiny_task_dir, write_tiny_recipe
+from eftnas_cli.training import evaluate
 
 # Short windows: the synthetic contexts of 40 words span several of them.
 QA_CHANGES = {"task.max_seq_length": 24, "task.doc_stride": 8}
@@ -79,6 +80,10 @@ def test_long_contexts_become_windows_that_cover_every_answer(tmp_path, tiny_mod
     first = validation.select(range(3))
     assert len(first) == 3 and set(first.features["example_id"]) == set(validation.examples["id"][:3])
     assert len(first.features) == sum(i in set(first.examples["id"]) for i in validation.features["example_id"])
+    # Batches padded to different lengths give the same answers as one batch.
+    model = load_model(str(tiny_model_dir), data.spec)
+    assert evaluate(model, validation, data.collator, data.spec, batch_size=3) == evaluate(
+        model, validation, data.collator, data.spec, batch_size=64)
 
 
 @pytest.fixture(scope="module")
