@@ -15,7 +15,8 @@ import shutil
 import numpy as np
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from eftnas_cli import artifacts, elastic
 from eftnas_cli.data import recipe_task_data
@@ -96,13 +97,15 @@ def _checkpoint_fingerprint(recipe: Recipe, inputs: list) -> dict:
 
 
 def _last_checkpoint(checkpoints, fingerprint: dict) -> str | None:
-    """The latest checkpoint of an interrupted run with the same fingerprint; checkpoints of any
-    other run (changed recipe or inputs) are removed."""
+    """The latest complete checkpoint of an interrupted run with the same fingerprint; checkpoints
+    of any other run (changed recipe or inputs) are removed."""
     if not checkpoints.is_dir():
         return None
     recorded = checkpoints / CHECKPOINT_FINGERPRINT
     if recorded.is_file() and json.loads(recorded.read_text()) == fingerprint:
-        return get_last_checkpoint(str(checkpoints))
+        # The Trainer writes its state last: a checkpoint without it was cut short by the kill.
+        complete = [path for path in checkpoints.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if (path / TRAINER_STATE_NAME).is_file()]
+        return str(max(complete, key=lambda path: int(path.name.rpartition("-")[2]))) if complete else None
     shutil.rmtree(checkpoints)
     return None
 
