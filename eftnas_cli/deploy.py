@@ -1,8 +1,9 @@
-"""Deployment of a (compressed) sequence-classification model: ONNX, OpenVINO IR, INT8.
+"""Deployment of a (compressed) model of any task kind: ONNX, OpenVINO IR, INT8.
 
-The path is torch -> ONNX (dynamic batch and sequence axes) -> OpenVINO IR (fp32 weights)
--> INT8 IR via NNCF post-training quantization. `onnx_logits` and `openvino_logits` run the
-exported files so callers can check them against torch.
+The path is torch -> ONNX (dynamic batch and sequence axes, outputs named as the task kind says:
+`logits`, or `start_logits`/`end_logits` for QA) -> OpenVINO IR (fp32 weights) -> INT8 IR via
+NNCF post-training quantization. `onnx_outputs` and `openvino_outputs` run the exported files so
+callers can check them against torch.
 """
 
 from __future__ import annotations
@@ -59,8 +60,10 @@ def _on_cpu_in_fp32(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model).to("cpu", torch.float32)
 
 
-def export_onnx(model, path: Path, input_names: list[str] | None = None, opset: int = 18) -> Path:
-    """Writes `model` to the single ONNX file `path`, with input `input_names` and output "logits".
+def export_onnx(model, path: Path, input_names: list[str] | None = None, opset: int = 18,
+                output_names: tuple[str, ...] = ("logits",)) -> Path:
+    """Writes `model` to the single ONNX file `path`, with inputs `input_names` and outputs
+    `output_names` (the task kind's: the model's output fields in order).
 
     Uses the torch.export-based exporter (dynamo=True): it yields a graph about half the size
     of the legacy TorchScript tracer's, with symbolic batch/sequence dimensions instead of
@@ -90,7 +93,7 @@ def export_onnx(model, path: Path, input_names: list[str] | None = None, opset: 
                 str(path),
                 kwargs=example,
                 input_names=input_names,
-                output_names=["logits"],
+                output_names=list(output_names),
                 dynamic_shapes=dynamic_shapes,
                 opset_version=opset,
                 dynamo=True,
@@ -155,10 +158,16 @@ def onnx_session(onnx_path: Path):
     return ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
 
 
+def onnx_outputs(onnx_path: Path, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every output of the ONNX model at `onnx_path` by name, for one batch of features (ONNX Runtime, CPU)."""
+    session = onnx_session(onnx_path)
+    names = [output.name for output in session.get_outputs()]
+    return dict(zip(names, session.run(names, features)))
+
+
 def onnx_logits(onnx_path: Path, features: dict[str, np.ndarray]) -> np.ndarray:
-    """Logits of the ONNX model at `onnx_path` for one batch of features (ONNX Runtime, CPU)."""
-    (logits,) = onnx_session(onnx_path).run(["logits"], features)
-    return logits
+    """The `logits` output of a classification model's ONNX file (see `onnx_outputs`)."""
+    return onnx_outputs(onnx_path, features)["logits"]
 
 
 def openvino_compiled(xml_path: Path, precision: str = "f32", extra_config: dict | None = None):
@@ -177,7 +186,13 @@ def openvino_compiled(xml_path: Path, precision: str = "f32", extra_config: dict
     return ov.Core().compile_model(str(xml_path), "CPU", config)
 
 
-def openvino_logits(xml_path: Path, features: dict[str, np.ndarray], precision: str = "f32") -> np.ndarray:
-    """Logits of the OpenVINO IR at `xml_path` for one batch of features (CPU)."""
+def openvino_outputs(xml_path: Path, features: dict[str, np.ndarray], precision: str = "f32") -> dict[str, np.ndarray]:
+    """Every output of the OpenVINO IR at `xml_path` by name, for one batch of features (CPU)."""
     compiled = openvino_compiled(xml_path, precision)
-    return compiled(features)[compiled.output("logits")]
+    results = compiled(features)
+    return {output.get_any_name(): results[output] for output in compiled.outputs}
+
+
+def openvino_logits(xml_path: Path, features: dict[str, np.ndarray], precision: str = "f32") -> np.ndarray:
+    """The `logits` output of a classification model's IR (see `openvino_outputs`)."""
+    return openvino_outputs(xml_path, features, precision)["logits"]

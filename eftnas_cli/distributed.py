@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterator, TypeVar
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -135,13 +134,15 @@ def shard(count: int) -> range:
     return range(count * index // size, count * (index + 1) // size)
 
 
-def gather_rows(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Each rank's rows (of the `shard` it computed) concatenated in rank order on every rank."""
+def gather_lists(named: dict[str, list], items: list) -> tuple[dict[str, list], list]:
+    """Each rank's lists (parts of the `shard` it computed: per output name, and one more)
+    concatenated in rank order on every rank."""
     if not active():
-        return arrays
-    gathered: list[Sequence[np.ndarray]] = [None] * world_size()
-    dist.all_gather_object(gathered, arrays)
-    return tuple(np.concatenate([part[i] for part in gathered]) for i in range(len(arrays)))
+        return named, items
+    gathered: list = [None] * world_size()
+    dist.all_gather_object(gathered, (named, items))
+    return ({name: [part for rank_named, _ in gathered for part in rank_named[name]] for name in named},
+            [part for _, rank_items in gathered for part in rank_items])
 
 
 def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:

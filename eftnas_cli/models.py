@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
-from eftnas_cli.data import TaskSpec
 from eftnas_cli.errors import ModelConfigError, ModelNotFoundError, RecipeError
+from eftnas_cli.tasks import Task, kind_of_model
 
 
 def _packaged_minilm() -> str:
@@ -170,29 +170,28 @@ def load_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(resolve_model(name))
 
 
-def load_model(name: str, task: TaskSpec | None = None) -> PreTrainedModel:
-    """A sequence-classification model for `task` (label count, regression) from `name`.
+def load_model(name: str, task: Task | None = None) -> PreTrainedModel:
+    """The model of `task`'s kind (sequence classification with its label count, regression,
+    question answering) from `name`; without a task, the kind the saved model was trained for.
 
     A model exported by eftnas (config holds `eftnas_subnet`) comes back with its smaller layers.
     """
     from eftnas_cli import elastic
 
     source = resolve_model(name)
-    overrides = {}
-    if task is not None:
-        overrides["num_labels"] = task.num_labels
-        overrides["problem_type"] = "regression" if task.is_regression else "single_label_classification"
+    overrides = task.kind.config_overrides(task) if task is not None else {}
     config = load_config(source, **overrides)
+    model_class = (task.kind if task is not None else kind_of_model(config)).model_class
     subnet = getattr(config, "eftnas_subnet", None)
     verbosity = transformers.logging.get_verbosity()
-    # A pretrained encoder gets a fresh classifier head: expected, so not worth a warning.
+    # A pretrained encoder gets a fresh task head: expected, so not worth a warning.
     transformers.logging.set_verbosity_error()
     try:
         if subnet is None:
-            return AutoModelForSequenceClassification.from_pretrained(source, config=config)
+            return model_class.from_pretrained(source, config=config)
         from safetensors.torch import load_file
 
-        model = AutoModelForSequenceClassification.from_config(config)
+        model = model_class.from_config(config)
         elastic.restructure(model, elastic.Subnet.from_dict(subnet))
         model.load_state_dict(load_file(str(Path(source) / "model.safetensors")), strict=True)
         return model.eval()

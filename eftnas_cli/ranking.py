@@ -312,7 +312,7 @@ def taylor_sensitivity(model: nn.Module, data: TaskData, section: ImportanceSect
     try:
         for start in (starts[index] for index in distributed.shard(len(starts))):
             chunk = rows[start: start + section.batch_size]
-            features = [{key: chunk[key][i] for key in chunk} for i in range(len(chunk["labels"]))]
+            features = [{key: chunk[key][i] for key in chunk} for i in range(len(chunk["input_ids"]))]
             batch = {key: value.to(device) for key, value in data.collator(features).items()}
             row_gates = gates.open(len(features), device)
             loss = model(**batch).loss

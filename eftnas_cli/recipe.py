@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from eftnas_cli.errors import RecipeError
+from eftnas_cli.errors import RecipeError, UnknownTaskError
 
 __all__ = ["Recipe", "RecipeError", "dump_recipe", "load_recipe"]
 
@@ -57,9 +57,14 @@ class ModelSection(Section):
 
 
 class TaskSection(Section):
-    name: str = "mrpc"
-    data_dir: str | None = Field(None, description="folder of GLUE parquet files; null reads the hub")
+    name: str = Field("mrpc", description="a GLUE task name, squad or squad_v2 (eftnas_cli.tasks.TASKS)")
+    data_dir: str | None = Field(None, description="folder of <task>/<split>.parquet files with the hub's columns; "
+                                                   "null reads the hub")
     max_seq_length: int = Field(128, ge=8, le=4096)
+    # Question answering only: a longer context becomes windows overlapping by doc_stride tokens.
+    doc_stride: int = Field(128, ge=1, description="QA: tokens shared by successive windows of a long context")
+    max_answer_length: int = Field(30, ge=1, description="QA: longest answer span, in tokens")
+    n_best: int = Field(20, ge=1, description="QA: start and end candidates per window")
     max_train_samples: int | None = Field(None, ge=1)
     max_eval_samples: int | None = Field(None, ge=1)
     # In `task`, not `search`: every stage's training data depends on it.
@@ -348,6 +353,20 @@ def _check_sequence_lengths(recipe: Recipe, source: str) -> None:
                               f"'{recipe.model.name}' ({config_file}); use at most {limit}")
 
 
+def _check_task(recipe: Recipe, source: str) -> None:
+    """The task name is known, and a QA task's windows advance (doc_stride below max_seq_length)."""
+    from eftnas_cli import tasks
+
+    try:
+        task = tasks.get_task(recipe.task.name)
+    except UnknownTaskError as error:
+        raise RecipeError(f"{source}: task.name: {error}") from None
+    if task.kind is tasks.EXTRACTIVE_QA:
+        from eftnas_cli import qa
+
+        qa.check_windows(recipe.task.max_seq_length, recipe.task.doc_stride, f"{source}: task")
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, override and validate a recipe; every problem is one `RecipeError` line."""
     path = Path(path)
@@ -366,6 +385,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         recipe = Recipe.model_validate(data)
     except ValidationError as error:
         raise RecipeError(_describe(error.errors()[0], source)) from None
+    _check_task(recipe, source)
     _check_sequence_lengths(recipe, source)
     return recipe
 

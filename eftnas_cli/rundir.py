@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from filelock import FileLock, Timeout
+from pydantic import BaseModel
 
 from eftnas_cli import distributed
 from eftnas_cli.errors import Interrupted, RecipeError, UpstreamError
@@ -54,6 +55,18 @@ TMP_MARKER = ".tmp-"
 REPLACED_MARKER = ".replaced-"
 
 __all__ = ["RunDir", "StageOutput", "UpstreamError", "sha256", "write_json"]
+
+
+def _as_recorded(section: BaseModel, recorded: dict | None) -> dict[str, Any]:
+    """`section` as a stage record holds it. Compared with a record an older eftnas wrote, a key
+    added since is left out while it keeps its default: that run ran with the default too, and
+    should not be redone because the schema grew."""
+    dumped = section.model_dump(mode="json")
+    if recorded is None:
+        return dumped
+    fields = type(section).model_fields
+    return {key: value for key, value in dumped.items()
+            if key in recorded or key not in fields or value != fields[key].default}
 
 
 def sha256(path: Path) -> str:
@@ -198,8 +211,9 @@ class RunDir:
         record = self.record(stage)
         if record is None or not self.stage_dir(stage).is_dir():
             return False
-        section = getattr(self.recipe, STAGE_SECTIONS[stage]).model_dump(mode="json")
-        if record["recipe"] != section or record.get("shared") != self._shared_settings():
+        section = getattr(self.recipe, STAGE_SECTIONS[stage])
+        recorded_shared = record.get("shared") or {}
+        if record["recipe"] != _as_recorded(section, record["recipe"]) or recorded_shared != self._shared_settings(recorded_shared):
             return False
         for files in (record["inputs"], record["outputs"]):
             for name, digest in files.items():
@@ -208,11 +222,13 @@ class RunDir:
                     return False
         return True
 
-    def _shared_settings(self) -> dict[str, Any]:
+    def _shared_settings(self, like: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The settings every stage depends on; `like` a record, as that record would hold them."""
+        like = like or {}
         return {
             "seed": self.recipe.seed,
-            "model": self.recipe.model.model_dump(mode="json"),
-            "task": self.recipe.task.model_dump(mode="json"),
+            "model": _as_recorded(self.recipe.model, like.get("model")),
+            "task": _as_recorded(self.recipe.task, like.get("task")),
         }
 
     # ---- the writer lock ----------------------------------------------------------------

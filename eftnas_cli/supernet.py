@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from eftnas_cli import artifacts, elastic
-from eftnas_cli.data import TaskData, TaskSpec
+from eftnas_cli.data import TaskData
 from eftnas_cli.models import load_model
 from eftnas_cli.rundir import RunDir
+from eftnas_cli.tasks import Task
 from eftnas_cli.training import evaluate
 
 
@@ -29,7 +30,7 @@ class Supernet:
         elastic.validate_subnet(model.config, space.largest())
 
     @classmethod
-    def build(cls, source: str, spec: TaskSpec, importance: artifacts.UnitImportance,
+    def build(cls, source: str, spec: Task, importance: artifacts.UnitImportance,
               space: elastic.SearchSpace) -> Supernet:
         """A super-network to train: `source`'s weights reordered so the most important heads and
         neurons come first, which makes every subnet of the space a leading slice."""
@@ -38,7 +39,7 @@ class Supernet:
         return cls(model, space)
 
     @classmethod
-    def load(cls, run: RunDir, spec: TaskSpec, *, by: str) -> Supernet:
+    def load(cls, run: RunDir, spec: Task, *, by: str) -> Supernet:
         """The trained super-network of a run (its weights are saved already reordered)."""
         return cls(load_model(str(artifacts.supernet_folder(run, by=by)), spec), artifacts.load_space(run, by=by))
 

@@ -1,4 +1,4 @@
-"""Tiny offline stand-ins for GLUE data and a tokenizer, so that end-to-end tests run in seconds."""
+"""Tiny offline stand-ins for GLUE and SQuAD data and a tokenizer, so that end-to-end tests run in seconds."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 import datasets
 from transformers import BertTokenizer, PreTrainedTokenizerFast
 
-from eftnas_cli.data import TRAIN_SPLIT, get_task
+from eftnas_cli.data import TRAIN_SPLIT
+from eftnas_cli.tasks import EXTRACTIVE_QA, get_task
 
 FILLER_WORDS = (
     "the a movie film story plot actor scene music book day night city river house car dog cat "
@@ -19,6 +20,8 @@ FILLER_WORDS = (
 CLASS_KEYWORDS = ("bad", "good", "maybe")
 # For regression (stsb) the target is the number of times this word occurs.
 REGRESSION_KEYWORD = "good"
+# For question answering the answer is this word and the one after it.
+QA_KEYWORD = "here"
 MAX_REGRESSION_SCORE = 5
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 # The hub's ClassLabel names, so that synthetic files carry the same features as the real ones.
@@ -85,9 +88,54 @@ def make_tiny_glue_dir(root: Path, task: str = "mrpc", n_train: int = 64, n_eval
     return Path(root)
 
 
+def _synthetic_squad_split(task: str, n_rows: int, rng: random.Random, split: str) -> datasets.Dataset:
+    """Questions whose answer is the QA_KEYWORD and the word after it in the context; some contexts
+    are long (several windows at a short max_seq_length); for v2.0 every third has no answer."""
+    spec = get_task(task)
+    rows = {"id": [], "title": [], "context": [], "question": [], "answers": []}
+    for index in range(n_rows):
+        words = rng.choices(FILLER_WORDS, k=rng.choice((6, 12, 40)))
+        answerable = not (spec.version_2 and index % 3 == 0)
+        answer = ""
+        if answerable:
+            at = rng.randint(0, len(words) - 1)
+            answer = f"{QA_KEYWORD} {words[at]}"
+            words.insert(at, QA_KEYWORD)
+        context = " ".join(words)
+        start = context.index(answer) if answerable else None
+        rows["id"].append(f"{split}-{index}")
+        rows["title"].append("synthetic")
+        rows["context"].append(context)
+        rows["question"].append(" ".join(rng.choices(FILLER_WORDS, k=4)))
+        # Training rows carry one answer, evaluation rows two (the same span twice), as SQuAD's do.
+        copies = 1 if split == TRAIN_SPLIT else 2
+        rows["answers"].append({"text": [answer] * copies if answerable else [],
+                                "answer_start": [start] * copies if answerable else []})
+    features = datasets.Features({
+        "id": datasets.Value("string"), "title": datasets.Value("string"), "context": datasets.Value("string"),
+        "question": datasets.Value("string"),
+        "answers": {"text": datasets.List(datasets.Value("string")), "answer_start": datasets.List(datasets.Value("int32"))},
+    })
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+def make_tiny_task_dir(root: Path, task: str, n_train: int = 64, n_eval: int = 32, seed: int = 0) -> Path:
+    """Write `root/<task>/<split>.parquet` for train and the task's eval splits, with the columns
+    and features of the task's hub files (GLUE or SQuAD); return root, a `task.data_dir`."""
+    spec = get_task(task)
+    if spec.kind is not EXTRACTIVE_QA:
+        return make_tiny_glue_dir(root, task, n_train, n_eval, seed)
+    rng = random.Random(seed)
+    task_dir = Path(root) / spec.name
+    task_dir.mkdir(parents=True, exist_ok=True)
+    for split, n_rows in ((TRAIN_SPLIT, n_train), *((name, n_eval) for name in spec.eval_splits)):
+        _synthetic_squad_split(spec.name, n_rows, rng, split).to_parquet(str(task_dir / f"{split}.parquet"))
+    return Path(root)
+
+
 def make_tiny_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     """Save a BERT WordPiece tokenizer whose vocabulary covers every synthetic word to `path`."""
-    words = sorted(set(FILLER_WORDS) | set(CLASS_KEYWORDS) | {REGRESSION_KEYWORD})
+    words = sorted(set(FILLER_WORDS) | set(CLASS_KEYWORDS) | {REGRESSION_KEYWORD, QA_KEYWORD})
     vocab = {token: token_id for token_id, token in enumerate((*SPECIAL_TOKENS, *words))}
     tokenizer = BertTokenizer(vocab=vocab)
     tokenizer.save_pretrained(str(path))

@@ -1,6 +1,6 @@
 """What the training stages share: Trainer arguments from a recipe section, a rich progress
-callback, GLUE metrics for the Trainer, a plain evaluation loop, the distillation loss and the
-`DistillationTrainer` (the super-network's `SandwichTrainer` and the KD baselines build on it)."""
+callback, the task's evaluation (also inside the Trainer: `TaskTrainer`), the distillation loss and
+the `DistillationTrainer` (the super-network's `SandwichTrainer` and the KD baselines build on it)."""
 
 from __future__ import annotations
 
@@ -9,21 +9,19 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from eftnas_cli import distributed
-from eftnas_cli.data import TaskData, TaskSpec, compute_metrics, main_metric_value
+from eftnas_cli.data import TaskData
 from eftnas_cli.errors import RecipeError
 from eftnas_cli.models import best_device
 from eftnas_cli.recipe import Recipe, SupernetSection, TrainingSection
 from eftnas_cli.rundir import sha256
+from eftnas_cli.tasks import Task
 from eftnas_cli.ui import console, progress
 
 # A save step that never comes: a run whose final weights are the result keeps no checkpoints.
@@ -219,58 +217,38 @@ class RichProgress(TrainerCallback):
             self.bar.stop()
 
 
-def trainer_metrics(spec: TaskSpec) -> Callable:
-    """`compute_metrics` for the Trainer: GLUE metrics plus the task's main metric as `score`."""
+def evaluate(model, dataset, collator, spec: Task, batch_size: int = 64) -> dict[str, float]:
+    """The task's metrics of `model` on `dataset` (its kind's evaluation: for QA the best span
+    over each example's windows), with the main metric also as `score`."""
+    return spec.kind.evaluate(model, dataset, collator, spec, batch_size)
 
-    def compute(prediction) -> dict[str, float]:
-        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-        metrics = compute_metrics(spec.name, logits, prediction.label_ids)
-        metrics["score"] = main_metric_value(spec.name, metrics)
+
+def pop_labels(inputs: dict, spec: Task) -> dict[str, torch.Tensor]:
+    """Takes the task kind's labels out of a batch (`labels`; QA: start and end positions)."""
+    return {name: inputs.pop(name) for name in spec.kind.label_names}
+
+
+def distillation_loss(student_outputs, teacher_outputs, labels: dict, spec: Task, weight: float, temperature: float):
+    """The task kind's KD loss (class logits: KL at `temperature`; regression: MSE on the score;
+    QA: KL on start and end logits) mixed with the hard-label loss, KD's share being `weight`."""
+    return spec.kind.distillation_loss(student_outputs, teacher_outputs, labels, weight, temperature)
+
+
+class TaskTrainer(QuietTrainer):
+    """A QuietTrainer whose evaluation is the task's own (`evaluate`): the same numbers the stages
+    report, for every task kind (QA needs its examples, not only the model's windows)."""
+
+    def __init__(self, *args, spec: Task, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.spec = spec
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        rows = self.eval_dataset if eval_dataset is None else eval_dataset
+        metrics = evaluate(self.model, rows, self.data_collator, self.spec, self.args.per_device_eval_batch_size)
+        metrics = {f"{metric_key_prefix}_{name}": value for name, value in metrics.items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
-
-    return compute
-
-
-@torch.no_grad()
-def predict_logits(model, dataset, collator, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels of `dataset` in order (plain loop: cheap enough for search trials)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    logits, labels = [], []
-    for start in range(0, len(dataset), batch_size):
-        rows = dataset[start : start + batch_size]
-        features = [{k: rows[k][i] for k in rows} for i in range(len(rows["labels"]))]
-        batch = {k: v.to(device) for k, v in collator(features).items()}
-        labels.append(batch.pop("labels").cpu().numpy())
-        logits.append(model(**batch).logits.float().cpu().numpy())
-    model.train(was_training)
-    return np.concatenate(logits), np.concatenate(labels)
-
-
-def evaluate(model, dataset, collator, spec: TaskSpec, batch_size: int = 64) -> dict[str, float]:
-    """GLUE metrics of `model` on `dataset`, with the main metric also as `score`. In a multi-process
-    run each rank predicts its share of the rows and every rank gets the metrics of all of them."""
-    rows = dataset.select(distributed.shard(len(dataset))) if distributed.active() else dataset
-    logits, labels = distributed.gather_rows(*predict_logits(model, rows, collator, batch_size))
-    metrics = compute_metrics(spec.name, logits, labels)
-    metrics["score"] = main_metric_value(spec.name, metrics)
-    return metrics
-
-
-def distillation_loss(student_logits, teacher_logits, labels, spec: TaskSpec, weight: float, temperature: float):
-    """KD (KL on temperature-scaled logits, or MSE for regression) mixed with the hard-label loss."""
-    if spec.is_regression:
-        soft = F.mse_loss(student_logits.squeeze(-1), teacher_logits.squeeze(-1))
-        hard = F.mse_loss(student_logits.squeeze(-1), labels.float())
-    else:
-        soft = F.kl_div(
-            F.log_softmax(student_logits / temperature, dim=-1),
-            F.softmax(teacher_logits / temperature, dim=-1),
-            reduction="batchmean",
-        ) * temperature**2
-        hard = F.cross_entropy(student_logits, labels)
-    return weight * soft + (1 - weight) * hard
 
 
 def hidden_state_loss(student_states, teacher_states, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -282,7 +260,7 @@ def hidden_state_loss(student_states, teacher_states, attention_mask: torch.Tens
     return sum(((student - teacher) ** 2 * mask).sum() / per_element for student, teacher in layers) / len(layers)
 
 
-class DistillationTrainer(QuietTrainer):
+class DistillationTrainer(TaskTrainer):
     """Trains a student on KD from a frozen teacher mixed with the hard labels (`distillation_loss`),
     plus, with `hidden_weight` > 0, the MSE of the hidden states after each layer.
 
@@ -291,31 +269,29 @@ class DistillationTrainer(QuietTrainer):
     half precision when it has one (`mixed_precision`); its outputs reach the losses in fp32.
     """
 
-    # The loss is a per-batch mean, not normalized by `num_items_in_batch`: let the Trainer divide
-    # it by the gradient-accumulation steps.
-    loss_is_scaled_for_ga = False
-
-    def __init__(self, *args, teacher, spec: TaskSpec, distillation_weight: float, temperature: float,
+    def __init__(self, *args, teacher, distillation_weight: float, temperature: float,
                  hidden_weight: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         half = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
         self.teacher = teacher.to(self.args.device, half).eval().requires_grad_(False)
-        self.spec, self.distillation_weight, self.temperature = spec, distillation_weight, temperature
+        self.distillation_weight, self.temperature = distillation_weight, temperature
         self.hidden_weight = hidden_weight
 
     @torch.no_grad()
     def teacher_outputs(self, inputs: dict):
         outputs = self.teacher(**inputs, output_hidden_states=self.hidden_weight > 0)
-        outputs.logits = outputs.logits.float()
-        if outputs.hidden_states is not None:
-            outputs.hidden_states = tuple(state.float() for state in outputs.hidden_states)
+        # A half-precision teacher hands its outputs (class logits, QA start/end logits) over in fp32.
+        for name, value in outputs.items():
+            if isinstance(value, torch.Tensor):
+                outputs[name] = value.float()
+            elif name == "hidden_states":
+                outputs[name] = tuple(state.float() for state in value)
         return outputs
 
-    def student_loss(self, model, inputs: dict, labels: torch.Tensor, teacher_outputs):
+    def student_loss(self, model, inputs: dict, labels: dict[str, torch.Tensor], teacher_outputs):
         """(loss, outputs) of the student on `inputs` (labels already popped)."""
         outputs = model(**inputs, output_hidden_states=self.hidden_weight > 0)
-        loss = distillation_loss(outputs.logits, teacher_outputs.logits, labels, self.spec,
-                                 self.distillation_weight, self.temperature)
+        loss = distillation_loss(outputs, teacher_outputs, labels, self.spec, self.distillation_weight, self.temperature)
         if self.hidden_weight > 0:
             loss = loss + self.hidden_weight * hidden_state_loss(
                 outputs.hidden_states, teacher_outputs.hidden_states, inputs["attention_mask"])
@@ -323,7 +299,7 @@ class DistillationTrainer(QuietTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
-        labels = inputs.pop("labels")
+        labels = pop_labels(inputs, self.spec)
         loss, outputs = self.student_loss(model, inputs, labels, self.teacher_outputs(inputs))
         return (loss, outputs) if return_outputs else loss
 

@@ -51,7 +51,7 @@ common.hide_gpus_if_cpu_requested(sys.argv[1:])
 import torch  # noqa: E402
 
 from eftnas_cli import artifacts, elastic  # noqa: E402
-from eftnas_cli.data import TASKS, TaskData, recipe_task_data  # noqa: E402
+from eftnas_cli.data import TaskData, recipe_task_data  # noqa: E402
 from eftnas_cli.models import load_model, load_tokenizer  # noqa: E402
 from eftnas_cli.pruning import layer_drop_subnet, uniform_subnet  # noqa: E402
 from eftnas_cli.recipe import Recipe, load_recipe  # noqa: E402
@@ -59,6 +59,7 @@ from eftnas_cli.rundir import RunDir, write_json  # noqa: E402
 from eftnas_cli.stages.gen_space import space_pruner  # noqa: E402
 from eftnas_cli.stages.pipeline import run_pipeline  # noqa: E402
 from eftnas_cli.supernet import Supernet  # noqa: E402
+from eftnas_cli.tasks import TASKS  # noqa: E402
 from eftnas_cli.training import distill, evaluate  # noqa: E402
 from eftnas_cli.ui import console  # noqa: E402
 

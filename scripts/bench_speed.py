@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from eftnas_cli import artifacts, elastic
-from eftnas_cli.data import get_task, recipe_task_data
+from eftnas_cli.data import recipe_task_data
 from eftnas_cli.deploy import (
     calibration_batches,
     export_onnx,
@@ -46,6 +46,7 @@ from eftnas_cli.recipe import Recipe, load_recipe
 from eftnas_cli.rundir import RunDir, sha256, write_json
 from eftnas_cli.stages.export import export
 from eftnas_cli.supernet import Supernet
+from eftnas_cli.tasks import get_task
 from eftnas_cli.ui import console
 
 DEFAULT_RUN = Path("runs/quickstart")
@@ -115,7 +116,7 @@ class Calibration:
             samples = self.recipe.export.calibration_samples
             try:
                 data = recipe_task_data(self.recipe, load_tokenizer(self.recipe.model.name))
-                self._batches = calibration_batches(data.train, data.collator, self.input_names, samples)
+                self._batches = calibration_batches(data.calibration, data.collator, self.input_names, samples)
             except FileNotFoundError as error:
                 console.print(f"INT8 calibration on dummy token ids: {error}")
                 self._batches = [dummy_features(self.input_names, 8, 64, self.vocab_size, seed=seed)
@@ -181,7 +182,8 @@ def training_steps(run: RunDir, spec, args: argparse.Namespace) -> dict:
     features = dummy_features(model_input_names(model), TRAIN_BATCH_SIZE, args.seq_len, model.config.vocab_size)
     batch = {name: torch.from_numpy(array).to(args.device) for name, array in features.items()}
     label_dtype = torch.float32 if spec.is_regression else torch.long
-    batch["labels"] = torch.zeros(TRAIN_BATCH_SIZE, dtype=label_dtype, device=args.device)
+    for name in spec.kind.label_names:  # labels; QA: start and end positions
+        batch[name] = torch.zeros(TRAIN_BATCH_SIZE, dtype=label_dtype, device=args.device)
     results = {}
     for name, subnet in (("largest", space.largest()), ("smallest", space.smallest())):
         console.print(f"training step of the {name} subnet: {args.train_steps} steps")

@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 from eftnas_cli import elastic
 from eftnas_cli.cli import app
-from eftnas_cli.data import get_task
 from eftnas_cli.deploy import onnx_logits, openvino_logits
 from eftnas_cli.models import load_model
+from eftnas_cli.tasks import get_task
 from eftnas_cli.testing import make_tiny_model, write_tiny_recipe
 
 

@@ -8,7 +8,7 @@ from transformers import TrainerCallback
 
 from eftnas_cli import elastic
 from eftnas_cli.artifacts import IMPORTANCE_FILE
-from eftnas_cli.data import get_task, load_task_data
+from eftnas_cli.data import load_task_data
 from eftnas_cli.errors import RecipeError, UpstreamError
 from eftnas_cli.models import load_model, load_tokenizer
 from eftnas_cli.ranking import (
@@ -25,6 +25,7 @@ from eftnas_cli.ranking import (
 from eftnas_cli.recipe import ImportanceSection, load_recipe
 from eftnas_cli.stages.finetune import finetune
 from eftnas_cli.stages.importance import compute_importance
+from eftnas_cli.tasks import get_task
 
 
 def test_cubic_warmup_shape():

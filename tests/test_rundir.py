@@ -163,3 +163,21 @@ def test_a_corrupt_manifest_is_one_line_naming_it(write_recipe):
     run.manifest_path.write_text("[1, 2")
     with pytest.raises(UpstreamError, match=r"manifest.json: not valid JSON \(line 1\)"):
         run.record("finetune")
+
+
+def test_a_stage_recorded_before_a_recipe_key_existed_stays_current_at_its_default(write_recipe):
+    """A key a newer eftnas added (here task.doc_stride, finetune.checkpoint_minutes) does not make
+    an older run's finished stage stale while it keeps its default; changed, it does."""
+    from eftnas_cli.stages.finetune import finetune
+
+    path = write_recipe()
+    recipe = load_recipe(path)
+    finetune(recipe)
+    run = RunDir(recipe)
+    manifest = json.loads(run.manifest_path.read_text())
+    record = manifest["stages"]["finetune"]
+    del record["shared"]["task"]["doc_stride"], record["recipe"]["checkpoint_minutes"]  # as an older eftnas wrote it
+    run.manifest_path.write_text(json.dumps(manifest))
+    assert RunDir(load_recipe(path)).is_current("finetune")
+    assert not RunDir(load_recipe(path, ["task.doc_stride=64"])).is_current("finetune")
+    assert not RunDir(load_recipe(path, ["finetune.checkpoint_minutes=5"])).is_current("finetune")

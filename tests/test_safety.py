@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from eftnas_cli.cli import app
 from eftnas_cli.recipe import MAX_RECIPE_BYTES, load_recipe
 from eftnas_cli.rundir import RunDir, sha256
-from eftnas_cli.testing import write_tiny_recipe
+from eftnas_cli.testing import make_tiny_task_dir, write_tiny_recipe
 
 # An error line quotes a short excerpt of a value at most; paths make up the rest.
 MAX_LINE_CHARS = 500
@@ -165,6 +165,37 @@ def empty_validation(task_dir: Path) -> None:
     os.replace(path + ".new", path)
 
 
+def squad_with(change: Callable[[Path], None]) -> Callable[[Workspace], list[str]]:
+    """Tiny SQuAD files written into the workspace and changed by `change(task folder)`."""
+
+    def argv(ws: Workspace) -> list[str]:
+        data_dir = make_tiny_task_dir(ws.root / "squad-data", "squad", n_train=16, n_eval=8)
+        change(data_dir / "squad")
+        return ["finetune", str(ws.recipe), "task.name=squad", f"task.data_dir={data_dir}", "task.doc_stride=8",
+                "name=fresh"]
+
+    return argv
+
+
+def without_answers(task_dir: Path) -> None:
+    import datasets
+
+    path = str(task_dir / "validation.parquet")
+    datasets.Dataset.from_parquet(path).remove_columns("answers").to_parquet(path + ".new")
+    os.replace(path + ".new", path)
+
+
+def answer_moved(task_dir: Path) -> None:
+    import datasets
+
+    path = str(task_dir / "train.parquet")
+    rows = datasets.Dataset.from_parquet(path)
+    shifted = rows.map(lambda row, index: {"answers": {**row["answers"], "answer_start": [
+        start + 1 for start in row["answers"]["answer_start"]]} if index == 2 else row["answers"]}, with_indices=True)
+    shifted.to_parquet(path + ".new")
+    os.replace(path + ".new", path)
+
+
 @dataclass
 class Case:
     label: str
@@ -205,11 +236,20 @@ CATALOGUE = [
     Case("max_seq_length beyond the positions", finetune("task.max_seq_length=1024"),
          "task.max_seq_length: 1024 is more than the 64 positions"),
     Case("unknown task", finetune("task.name=mrcp", "name=fresh"), "unknown task 'mrcp'"),
+    Case("unknown task lists the known ones", finetune("task.name=squad3", "name=fresh"),
+         "task.name: unknown task 'squad3'; choose from cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli, squad, squad_v2"),
+    Case("doc_stride = max_seq_length", finetune("task.name=squad", "task.doc_stride=32", "name=fresh"),
+         "task: doc_stride (32) must be positive and smaller than max_seq_length (32)"),
+    Case("doc_stride above max_seq_length", finetune("task.name=squad_v2", "task.doc_stride=128", "name=fresh"),
+         "doc_stride (128) must be positive and smaller"),
     Case("export --budget 1.5", lambda ws: ["export", str(ws.recipe), "--budget", "1.5"],
          "--budget 1.5: a budget is a fraction of the full MACs in (0, 1]"),
     # Data.
     Case("train file without the label column", glue_with(without_label), "train.parquet: no column 'label'"),
     Case("empty validation file", glue_with(empty_validation), "validation.parquet: the validation split has no rows"),
+    Case("QA file without answers", squad_with(without_answers), "validation.parquet: no column 'answers'"),
+    Case("QA answer not in its context", squad_with(answer_moved),
+         "train.parquet: the answer of 'train-2' is not in its context at its answer_start"),
     # Models.
     Case("missing model folder", finetune("model.name=./no/such/model", "name=fresh"), "no config.json"),
     Case("unknown alias, offline", finetune("model.name=minilm-l12", "name=fresh"), "did you mean 'minilm-l6'?"),

@@ -105,7 +105,8 @@ def check_study(storage_url: str, run_dir: Path, workers: int) -> None:
     assert [subnet for subnet, count in subnets.items() if count > 1] == [], "a subnet was measured twice"
     assert len(measured) == BUDGET
     by_worker = Counter(t.user_attrs[WORKER_ATTR] for t in measured)
-    assert len(by_worker) == workers and sum(by_worker.values()) == BUDGET, by_worker
+    # How the budget splits depends on timing (a worker that starts late may find it spent).
+    assert 1 <= len(by_worker) <= workers and sum(by_worker.values()) == BUDGET, by_worker
     records = json.loads((run_dir / "search" / "trials.json").read_text())
     assert sorted(r["trial"] for r in records) == sorted(t.number for t in measured)
 

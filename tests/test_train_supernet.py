@@ -1,3 +1,4 @@
+import math
 import signal
 import subprocess
 import sys
@@ -8,7 +9,6 @@ import pytest
 import torch
 import yaml
 
-from eftnas_cli.data import get_task
 from eftnas_cli.elastic import SearchSpace
 from eftnas_cli.errors import UserError
 from eftnas_cli.recipe import load_recipe
@@ -16,6 +16,7 @@ from eftnas_cli.stages.finetune import finetune
 from eftnas_cli.stages.gen_space import generate_space
 from eftnas_cli.stages.importance import compute_importance
 from eftnas_cli.stages.train_supernet import SandwichTrainer, train_supernet
+from eftnas_cli.tasks import get_task
 from eftnas_cli.testing import write_tiny_recipe
 from eftnas_cli.training import distillation_loss
 
@@ -83,16 +84,33 @@ def test_sandwich_is_largest_random_smallest(recipe_with_space):
     assert SandwichTrainer.step_subnets(trainer) == subnets  # seeded by the step: resumable
 
 
-def test_distillation_loss():
+def test_distillation_loss_of_each_task_kind():
     spec = get_task("mrpc")
-    teacher = torch.tensor([[2.0, -1.0], [0.5, 0.3]])
-    labels = torch.tensor([0, 1])
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.3]])
+    teacher = SimpleNamespace(logits=logits)
+    labels = {"labels": torch.tensor([0, 1])}
     assert distillation_loss(teacher, teacher, labels, spec, weight=1.0, temperature=2.0).item() == pytest.approx(0, abs=1e-6)
     hard = distillation_loss(teacher, teacher, labels, spec, weight=0.0, temperature=2.0)
-    assert hard.item() == pytest.approx(torch.nn.functional.cross_entropy(teacher, labels).item())
+    assert hard.item() == pytest.approx(torch.nn.functional.cross_entropy(logits, labels["labels"]).item())
     regression = get_task("stsb")
-    loss = distillation_loss(torch.tensor([[1.0]]), torch.tensor([[3.0]]), torch.tensor([2.0]), regression, 0.5, 2.0)
+    loss = distillation_loss(SimpleNamespace(logits=torch.tensor([[1.0]])), SimpleNamespace(logits=torch.tensor([[3.0]])),
+                             {"labels": torch.tensor([2.0])}, regression, 0.5, 2.0)
     assert loss.item() == pytest.approx(0.5 * 4 + 0.5 * 1)
+
+    # QA: KD on the start and the end distributions, hard loss on the gold positions, averaged.
+    squad = get_task("squad")
+    start, end = torch.tensor([[0.0, 1.0, 0.0]]), torch.tensor([[0.0, 0.0, 2.0]])
+    student = SimpleNamespace(start_logits=start, end_logits=end)
+    positions = {"start_positions": torch.tensor([1]), "end_positions": torch.tensor([0])}
+    assert distillation_loss(student, student, positions, squad, weight=1.0, temperature=2.0).item() == pytest.approx(0, abs=1e-6)
+    hard = distillation_loss(student, student, positions, squad, weight=0.0, temperature=2.0).item()
+    expected = (math.log(2 + math.e) - 1 + math.log(2 + math.e**2)) / 2  # CE at start 1, at end 0, averaged
+    assert hard == pytest.approx(expected, rel=1e-5)
+    uniform = SimpleNamespace(start_logits=torch.zeros(1, 3), end_logits=torch.zeros(1, 3))
+    soft = distillation_loss(uniform, student, positions, squad, weight=1.0, temperature=1.0).item()
+    # KL(teacher || uniform student) = log 3 - H(teacher), once for start and once for end, averaged.
+    entropy = lambda logits: -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum().item()  # noqa: E731
+    assert soft == pytest.approx((2 * math.log(3) - entropy(start) - entropy(end)) / 2, rel=1e-5)
 
 
 def test_killed_training_continues_from_its_last_checkpoint_without_a_flag(recipe_with_space, tmp_path):

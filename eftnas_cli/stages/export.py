@@ -25,10 +25,13 @@ from eftnas_cli.models import best_device, load_model, load_tokenizer, save_mode
 from eftnas_cli.recipe import ExportSection, Recipe
 from eftnas_cli.rundir import RunDir, holds_lock, write_json
 from eftnas_cli.supernet import Supernet
+from eftnas_cli.tasks import Task
 from eftnas_cli.training import distill, evaluate
 from eftnas_cli.ui import console, percent_of
 
 BY = "export"
+# Column titles of the closing table, short enough for an 80-column terminal.
+METRIC_TITLES = {"exact_match": "EM", "f1": "F1", "accuracy": "acc", "matthews_correlation": "MCC", "spearmanr": "spearman"}
 TEACHER = "teacher"
 CONVERTED_BACKENDS = ["onnxruntime", "openvino", "openvino_int8"]
 # An export label becomes a folder name under export/.
@@ -76,11 +79,12 @@ def _deploy_formats(model, folder: Path, section: ExportSection, data: TaskData)
 
     if not (section.onnx or section.openvino):
         return {}
-    files = {"onnxruntime": export_onnx(model, folder / "model.onnx")}
+    files = {"onnxruntime": export_onnx(model, folder / "model.onnx", output_names=data.spec.kind.output_names)}
     if section.openvino:
         files["openvino"] = to_openvino(files["onnxruntime"], folder / "openvino" / "model.xml")
         if section.int8:
-            calibration = calibration_batches(data.train, data.collator, model_input_names(model), section.calibration_samples)
+            calibration = calibration_batches(data.calibration, data.collator, model_input_names(model),
+                                              section.calibration_samples)
             files["openvino_int8"] = quantize_int8(files["openvino"], calibration, folder / "openvino" / "model_int8.xml")
     if not section.onnx:
         files.pop("onnxruntime").unlink()
@@ -177,13 +181,14 @@ def export(recipe: Recipe, budgets=None, trial: int | None = None, subnet_file: 
         summary["teacher"]["latency_flags"] = latencies.flags.get(TEACHER, [])
         write_json(out.dir / artifacts.EXPORT_SUMMARY_FILE, summary)
         out.metrics = summary
-    print_summary(summary, data.spec.main_metric)
+    print_summary(summary, data.spec)
     return summary
 
 
-def print_summary(summary: dict, metric: str) -> None:
-    """The closing table: teacher vs each export — metric, % of teacher, MACs ratio, speed-ups
-    over the dense teacher in torch (each batch size) and in OpenVINO (OV) f32 / INT8 (smallest batch)."""
+def print_summary(summary: dict, task: Task) -> None:
+    """The closing table: teacher vs each export — the task's reported metrics (main one first;
+    QA: EM and F1), % of teacher, MACs ratio, speed-ups over the dense teacher in torch (each batch
+    size) and in OpenVINO (OV) f32 / INT8 (smallest batch)."""
     from rich import box
     from rich.table import Table
 
@@ -194,19 +199,21 @@ def print_summary(summary: dict, metric: str) -> None:
     speedups += [(f"OV b{batches[0]}", f"openvino_batch{batches[0]}", f"torch_batch{batches[0]}"),
                  (f"INT8 b{batches[0]}", f"openvino_int8_batch{batches[0]}", f"torch_batch{batches[0]}")]
     polished = any("unpolished_metrics" in export for export in summary["exports"].values())
-    table = Table(title=f"eftnas result: {metric}, MACs and speed-up over the dense teacher in torch",
+    metrics = task.reported_metrics
+    table = Table(title=f"eftnas result: {', '.join(metrics)}, MACs and speed-up over the dense teacher in torch",
                   box=box.SIMPLE_HEAD, pad_edge=False)
-    for column in ("model", metric, *(["unpolished"] if polished else []), "% teacher", "GMACs",
+    for column in ("model", *(METRIC_TITLES.get(m, m) for m in metrics), *(["unpolished"] if polished else []), "% teacher", "GMACs",
                    *(name for name, _, _ in speedups)):
         table.add_column(column, justify="right", no_wrap=column in ("model", "GMACs"))
-    table.add_row("teacher", f"{base_score:.4f}", *([""] if polished else []), "100.0%", f"{teacher['gmacs']:.2f}",
+    table.add_row("teacher", *(f"{teacher['metrics'][m]:.4f}" for m in metrics), *([""] if polished else []), "100.0%",
+                  f"{teacher['gmacs']:.2f}",
                   *("1.00×" if key.startswith("torch") else "" for _, key, _ in speedups))
     flagged = []
     for label, export in summary["exports"].items():
         latency = export["latency_ms"]
         unpolished = export.get("unpolished_metrics")
         table.add_row(
-            label, f"{export['metrics']['score']:.4f}",
+            label, *(f"{export['metrics'][m]:.4f}" for m in metrics),
             *([f"{unpolished['score']:.4f}" if unpolished else "-"] if polished else []),
             percent_of(export["metrics"]["score"], base_score),
             f"{export['gmacs']:.2f} ({export['macs_ratio']:.0%})",

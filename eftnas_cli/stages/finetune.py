@@ -12,11 +12,10 @@ from eftnas_cli.recipe import Recipe
 from eftnas_cli.rundir import RunDir, holds_lock, write_json
 from eftnas_cli.training import (
     CheckpointEvery,
-    QuietTrainer,
     ResumableCheckpoints,
     RichProgress,
+    TaskTrainer,
     evaluate,
-    trainer_metrics,
     training_arguments,
     training_fingerprint,
 )
@@ -47,14 +46,14 @@ def finetune(recipe: Recipe) -> dict:
     console.print(f"finetune: continuing from {last_checkpoint}" if last_checkpoint else
                   "finetune: starting (no checkpoint of this recipe yet)", soft_wrap=True)
     with run.stage("finetune") as out:
-        trainer = QuietTrainer(
+        trainer = TaskTrainer(
             model=model,
             args=training_arguments(section, checkpoints.folder, recipe.seed, device=recipe.device, main_metric="score"),
             train_dataset=data.train,
             eval_dataset=data.search,  # the best epoch is chosen on search rows, not validation
             data_collator=data.collator,
             processing_class=tokenizer,
-            compute_metrics=trainer_metrics(data.spec),
+            spec=data.spec,
             callbacks=[RichProgress(f"fine-tuning {recipe.model.name} on {data.spec.name}"),
                        CheckpointEvery(section.checkpoint_minutes)],
         )

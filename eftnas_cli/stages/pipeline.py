@@ -45,8 +45,8 @@ def run_pipeline(recipe: Recipe, until: str | None = None) -> dict:
         results[name] = stage(recipe)
     if "export" in results and results["export"] is None:
         # Nothing was redone, but the user still expects the result: show the last summary.
-        from eftnas_cli.data import get_task
         from eftnas_cli.stages.export import print_summary
+        from eftnas_cli.tasks import get_task
 
-        print_summary(run.record("export")["metrics"], get_task(recipe.task.name).main_metric)
+        print_summary(run.record("export")["metrics"], get_task(recipe.task.name))
     return results

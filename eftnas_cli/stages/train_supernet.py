@@ -3,7 +3,8 @@
 Weights are permuted so the most important heads and neurons come first (importance stage), which
 makes every subnet of the search space a leading slice. Each optimizer step accumulates gradients
 from the largest subnet, `num_random_subnets` random ones and the smallest, each distilled from the
-fine-tuned teacher (KL on temperature-scaled logits, MSE for regression) plus the hard labels.
+fine-tuned teacher (the task kind's KD loss: KL on temperature-scaled class logits, MSE on a regression
+score, KL on QA start/end logits) plus the hard labels.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from eftnas_cli.training import (
     DistillationTrainer,
     ResumableCheckpoints,
     RichProgress,
+    pop_labels,
     training_arguments,
     training_fingerprint,
 )
@@ -62,7 +64,7 @@ class SandwichTrainer(DistillationTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
         inputs = self._prepare_inputs(inputs)
-        labels = inputs.pop("labels")
+        labels = pop_labels(inputs, self.spec)
         teacher_outputs = self.teacher_outputs(inputs)
         subnets = self.step_subnets()
         scale = len(subnets) * self.current_gradient_accumulation_steps
