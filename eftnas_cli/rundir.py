@@ -57,7 +57,7 @@ REPLACED_MARKER = ".replaced-"
 __all__ = ["RunDir", "StageOutput", "UpstreamError", "sha256", "write_json"]
 
 
-def _as_recorded(section: BaseModel, recorded: dict | None) -> dict[str, Any]:
+def as_recorded(section: BaseModel, recorded: dict | None) -> dict[str, Any]:
     """`section` as a stage record holds it. Compared with a record an older eftnas wrote, a key
     added since is left out while it keeps its default: that run ran with the default too, and
     should not be redone because the schema grew."""
@@ -213,7 +213,7 @@ class RunDir:
             return False
         section = getattr(self.recipe, STAGE_SECTIONS[stage])
         recorded_shared = record.get("shared") or {}
-        if record["recipe"] != _as_recorded(section, record["recipe"]) or recorded_shared != self._shared_settings(recorded_shared):
+        if record["recipe"] != as_recorded(section, record["recipe"]) or recorded_shared != self._shared_settings(recorded_shared):
             return False
         for files in (record["inputs"], record["outputs"]):
             for name, digest in files.items():
@@ -227,8 +227,8 @@ class RunDir:
         like = like or {}
         return {
             "seed": self.recipe.seed,
-            "model": _as_recorded(self.recipe.model, like.get("model")),
-            "task": _as_recorded(self.recipe.task, like.get("task")),
+            "model": as_recorded(self.recipe.model, like.get("model")),
+            "task": as_recorded(self.recipe.task, like.get("task")),
         }
 
     # ---- the writer lock ----------------------------------------------------------------

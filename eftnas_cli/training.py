@@ -20,7 +20,7 @@ from eftnas_cli.data import TaskData
 from eftnas_cli.errors import RecipeError
 from eftnas_cli.models import best_device
 from eftnas_cli.recipe import Recipe, SupernetSection, TrainingSection
-from eftnas_cli.rundir import sha256
+from eftnas_cli.rundir import as_recorded, sha256
 from eftnas_cli.tasks import Task
 from eftnas_cli.ui import console, progress
 
@@ -115,37 +115,39 @@ class CheckpointEvery(TrainerCallback):
             self.last = time.monotonic()
 
 
-def training_fingerprint(recipe: Recipe, section: str, inputs: list[Path]) -> dict:
-    """What a stage's checkpoint must have been trained with to be continued: the recipe's
-    `section`, the shared settings, and the hashes of the files the stage reads."""
-    return {section: getattr(recipe, section).model_dump(mode="json"), "seed": recipe.seed,
-            "model": recipe.model.model_dump(mode="json"), "task": recipe.task.model_dump(mode="json"),
-            "inputs": {str(path): sha256(path) for path in inputs}}
-
-
 class ResumableCheckpoints:
-    """A training stage's Trainer checkpoints, kept in `<run>/checkpoints/<stage>/` rather than in
+    """A training stage's Trainer checkpoints, kept in `<run>/checkpoints/<folder>/` rather than in
     the stage's temporary folder so that they outlive a killed process. A fingerprint beside them
-    (the recipe settings and input hashes the training depends on) decides whether a new run may
-    continue them: checkpoints of any other run are removed, never resumed."""
+    (the recipe's `section`, the shared settings and the hashes of the stage's input files) decides
+    whether a new run may continue them: checkpoints of any other run are removed, never resumed."""
 
     FINGERPRINT = "fingerprint.json"
 
-    def __init__(self, run_path: Path, stage: str, fingerprint: dict):
-        self.folder = Path(run_path) / "checkpoints" / stage
-        self.fingerprint = fingerprint
+    def __init__(self, run_path: Path, folder: str, recipe: Recipe, section: str, inputs: list[Path]):
+        self.folder = Path(run_path) / "checkpoints" / folder
+        self.recipe, self.section, self.inputs = recipe, section, inputs
+
+    def fingerprint(self, like: dict | None = None) -> dict:
+        """What a checkpoint must have been trained with to be continued; `like` a recorded one, as
+        that one would hold it (a recipe key added since, at its default, is left out)."""
+        like = like or {}
+        recipe = self.recipe
+        return {self.section: as_recorded(getattr(recipe, self.section), like.get(self.section)), "seed": recipe.seed,
+                "model": as_recorded(recipe.model, like.get("model")), "task": as_recorded(recipe.task, like.get("task")),
+                "inputs": {str(path): sha256(path) for path in self.inputs}}
 
     def open(self) -> str | None:
         """The latest checkpoint to continue from (None: start afresh); readies the folder."""
         last = None
         if self.folder.is_dir():
-            recorded = self.folder / self.FINGERPRINT
-            if recorded.is_file() and json.loads(recorded.read_text()) == self.fingerprint:
+            recorded_file = self.folder / self.FINGERPRINT
+            recorded = json.loads(recorded_file.read_text()) if recorded_file.is_file() else None
+            if recorded is not None and recorded == self.fingerprint(recorded):
                 last = self._last_complete()
             else:
                 shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / self.FINGERPRINT).write_text(json.dumps(self.fingerprint, indent=2, sort_keys=True))
+        (self.folder / self.FINGERPRINT).write_text(json.dumps(self.fingerprint(), indent=2, sort_keys=True))
         return last
 
     def _last_complete(self) -> str | None:

@@ -157,10 +157,11 @@ def test_search_killed_with_sigkill_continues_its_study(write_recipe):
     assert (recipe.run_dir / "search" / "pareto.json").is_file()
 
 
-def test_a_checkpoint_cut_short_by_a_kill_is_skipped_and_removed(tmp_path):
+def test_a_checkpoint_cut_short_by_a_kill_is_skipped_and_removed(write_recipe, tmp_path):
     from eftnas_cli.training import ResumableCheckpoints
 
-    checkpoints = ResumableCheckpoints(tmp_path, "finetune", {"recipe": 1})
+    recipe = load_recipe(write_recipe())
+    checkpoints = ResumableCheckpoints(tmp_path, "finetune", recipe, "finetune", [])
     checkpoints.open()
     for step, state in [(4, '{"global_step": 4}'), (8, '{"global_st'), (12, None)]:
         (checkpoints.folder / f"checkpoint-{step}").mkdir()
@@ -168,7 +169,15 @@ def test_a_checkpoint_cut_short_by_a_kill_is_skipped_and_removed(tmp_path):
             (checkpoints.folder / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
     assert checkpoints.open() == str(checkpoints.folder / "checkpoint-4")
     assert sorted(p.name for p in checkpoints.folder.glob("checkpoint-*")) == ["checkpoint-4"]
-    assert ResumableCheckpoints(tmp_path, "finetune", {"recipe": 2}).open() is None  # another recipe's
+
+    # Written by an eftnas whose recipes lacked task.doc_stride: still this run's, at the default.
+    recorded = json.loads((checkpoints.folder / "fingerprint.json").read_text())
+    del recorded["task"]["doc_stride"]
+    (checkpoints.folder / "fingerprint.json").write_text(json.dumps(recorded))
+    assert checkpoints.open() == str(checkpoints.folder / "checkpoint-4")
+
+    another = load_recipe(write_recipe(), ["finetune.learning_rate=1e-4"])
+    assert ResumableCheckpoints(tmp_path, "finetune", another, "finetune", []).open() is None
     assert not list(checkpoints.folder.glob("checkpoint-*"))
 
 

@@ -17,7 +17,6 @@ from eftnas_cli.training import (
     TaskTrainer,
     evaluate,
     training_arguments,
-    training_fingerprint,
 )
 from eftnas_cli.ui import console
 
@@ -40,8 +39,7 @@ def finetune(recipe: Recipe) -> dict:
     set_seed(recipe.seed)  # the fresh classifier head: the same one every run, whatever ran before
     model = load_model(recipe.model.name, data.spec)
     section = recipe.finetune
-    fingerprint = training_fingerprint(recipe, "finetune", model_files(resolve_model(recipe.model.name)))
-    checkpoints = ResumableCheckpoints(run.path, "finetune", fingerprint)
+    checkpoints = ResumableCheckpoints(run.path, "finetune", recipe, "finetune", model_files(resolve_model(recipe.model.name)))
     last_checkpoint = distributed.on_main(checkpoints.open)  # the main process decides for every rank
     console.print(f"finetune: continuing from {last_checkpoint}" if last_checkpoint else
                   "finetune: starting (no checkpoint of this recipe yet)", soft_wrap=True)

@@ -21,7 +21,7 @@ from eftnas_cli.plots import importance_heatmap
 from eftnas_cli.pruning import ThresholdPruner
 from eftnas_cli.recipe import Recipe
 from eftnas_cli.rundir import RunDir, holds_lock, write_json
-from eftnas_cli.training import ResumableCheckpoints, training_fingerprint
+from eftnas_cli.training import ResumableCheckpoints
 from eftnas_cli.ui import console
 
 # The heatmap shades each unit by how many of these MACs budgets (fractions of the encoder) keep it.
@@ -42,7 +42,7 @@ def compute_importance(recipe: Recipe) -> dict:
     set_seed(recipe.seed)  # a pretrained start gets a fresh classifier head: the same one every run
     model = load_model(source, data.spec)
     inputs = model_files(source) if section.source == "teacher" else []
-    checkpoints = ResumableCheckpoints(run.path, "importance", training_fingerprint(recipe, "importance", inputs))
+    checkpoints = ResumableCheckpoints(run.path, "importance", recipe, "importance", inputs)
     resume_from = None
     if section.method in ranking.TRAINING_METHODS:  # the main process decides for every rank
         resume_from = distributed.on_main(checkpoints.open)

@@ -30,7 +30,6 @@ from eftnas_cli.training import (
     RichProgress,
     pop_labels,
     training_arguments,
-    training_fingerprint,
 )
 from eftnas_cli.ui import console
 
@@ -115,7 +114,7 @@ def train_supernet(recipe: Recipe, resume: bool = False) -> dict:
     teacher_dir = artifacts.teacher_folder(recipe, run, by=BY)
     source = artifacts.start_weights(recipe, run, section.start_from, by=BY)
     inputs = [importance.path, space_file, *artifacts.model_files(teacher_dir), *artifacts.model_files(source)]
-    checkpoints = ResumableCheckpoints(run.path, "supernet", training_fingerprint(recipe, "supernet", inputs))
+    checkpoints = ResumableCheckpoints(run.path, "supernet", recipe, "supernet", inputs)
     # The main process decides which checkpoint every rank continues from (and clears stale ones).
     last_checkpoint = distributed.on_main(checkpoints.open)
     if resume and last_checkpoint is None:
