@@ -75,6 +75,7 @@ def _failure(process: multiprocessing.Process, index: int, errors) -> Exception:
 
 
 def _stop(processes: list[multiprocessing.Process], interrupted: bool) -> None:
+    processes = [process for process in processes if process.pid is not None]  # the started ones
     if interrupted:
         # Ctrl-C reached the workers too (one process group): let them end their trials first.
         deadline = time.monotonic() + INTERRUPT_GRACE_S
@@ -98,10 +99,12 @@ def run_workers(target: Callable, args: tuple, count: int, description: str, tot
     errors = context.SimpleQueue()  # put() writes before the worker exits: nothing is lost at exit
     processes = [context.Process(target=_worker_main, args=(target, args, index, errors), name=f"eftnas-worker-{index}")
                  for index in range(count)]
-    for process in processes:
-        process.start()
     interrupted = False
     try:
+        # Inside the try: an interrupt while workers start must stop those already started (the
+        # interpreter's exit would otherwise wait for them).
+        for process in processes:
+            process.start()
         with progress() as bar:
             task = bar.add_task(description, total=total, completed=0, status="")
             while True:
