@@ -63,7 +63,9 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
 def test_interrupting_the_parent_stops_every_worker():
-    code = "import time; from eftnas_cli.workers import run_workers; run_workers(time.sleep, (120,), 2, 't', 1, lambda: (0, ''))"
+    # faulthandler on SIGUSR1: should the parent hang, the failure shows where.
+    code = ("import faulthandler, signal, time; faulthandler.register(signal.SIGUSR1, all_threads=True); "
+            "from eftnas_cli.workers import run_workers; run_workers(time.sleep, (120,), 2, 't', 1, lambda: (0, ''))")
     parent = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -72,8 +74,16 @@ def test_interrupting_the_parent_stops_every_worker():
             time.sleep(0.2)
         # Only the parent gets the signal, as from `kill -INT`: it must stop its workers itself.
         parent.send_signal(signal.SIGINT)
-        parent.wait(timeout=60)
-        assert parent.returncode != 0 and "KeyboardInterrupt" in parent.stderr.read()
+        try:
+            _, stderr = parent.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            parent.send_signal(signal.SIGUSR1)
+            time.sleep(1)
+            parent.kill()
+            _, stderr = parent.communicate()
+            alive = [pid for pid in children if _alive(pid)]
+            pytest.fail(f"the parent did not stop within 60 s of SIGINT (workers alive: {alive}); its stacks:\n{stderr}")
+        assert parent.returncode != 0 and "KeyboardInterrupt" in stderr
         assert not [pid for pid in children if _alive(pid)]
     finally:
         parent.kill()
