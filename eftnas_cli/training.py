@@ -125,7 +125,9 @@ class ResumableCheckpoints:
 
     def __init__(self, run_path: Path, folder: str, recipe: Recipe, section: str, inputs: list[Path]):
         self.folder = Path(run_path) / "checkpoints" / folder
-        self.recipe, self.section, self.inputs = recipe, section, inputs
+        self.recipe, self.section = recipe, section
+        # Hashed once: open() compares and then records the fingerprint, and inputs include model weights.
+        self.input_hashes = {str(path): sha256(path) for path in inputs}
 
     def fingerprint(self, like: dict | None = None) -> dict:
         """What a checkpoint must have been trained with to be continued; `like` a recorded one, as
@@ -134,7 +136,7 @@ class ResumableCheckpoints:
         recipe = self.recipe
         return {self.section: as_recorded(getattr(recipe, self.section), like.get(self.section)), "seed": recipe.seed,
                 "model": as_recorded(recipe.model, like.get("model")), "task": as_recorded(recipe.task, like.get("task")),
-                "inputs": {str(path): sha256(path) for path in self.inputs}}
+                "inputs": self.input_hashes}
 
     def open(self) -> str | None:
         """The latest checkpoint to continue from (None: start afresh); readies the folder."""

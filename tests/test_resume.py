@@ -25,15 +25,15 @@ def teacher_weights(recipe) -> dict[str, torch.Tensor]:
     return load_file(str(recipe.run_dir / "finetune" / "model" / "model.safetensors"))
 
 
-def crash_at_step(monkeypatch, step: int) -> None:
-    original = QuietTrainer.training_step
+def crash_at_step(monkeypatch, step: int, trainer=QuietTrainer) -> None:
+    original = trainer.training_step
 
     def step_then_crash(self, *args, **kwargs):
         if self.state.global_step == step:
             raise KeyboardInterrupt
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(QuietTrainer, "training_step", step_then_crash)
+    monkeypatch.setattr(trainer, "training_step", step_then_crash)
 
 
 def record_resumes(monkeypatch) -> list:
@@ -191,14 +191,7 @@ def test_interrupted_movement_importance_continues_with_its_scores(write_recipe,
     compute_importance(uninterrupted)
 
     recipe = load_recipe(path, ["name=interrupted", every_step])
-    original = MovementTrainer.training_step
-
-    def step_then_crash(self, *args, **kwargs):
-        if self.state.global_step == 2:
-            raise KeyboardInterrupt
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(MovementTrainer, "training_step", step_then_crash)
+    crash_at_step(monkeypatch, 2, MovementTrainer)
     with pytest.raises(KeyboardInterrupt):
         compute_importance(recipe)
     monkeypatch.undo()
