@@ -166,6 +166,11 @@ class SpaceSection(Section):
 
 class SupernetSection(ResumableTrainingSection):
     epochs: float = 3.0
+    # Cosine decay without warm-up, as the paper trains its super-networks: on MRPC search rows it
+    # scored the best mean over the 0.5 and 0.35 budgets with the smallest spread over 3 seeds
+    # (docs/benchmarks_supernet.md); the fine-tuned teacher it starts from needs no warm-up.
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field("cosine", description="learning-rate decay")
+    warmup: float = Field(0.0, ge=0, lt=1, description="fraction of the steps spent warming the lr up")
     start_from: Literal["teacher", "pretrained"] = "teacher"
     num_random_subnets: int = Field(1, ge=0, description="random subnets per step between largest and smallest")
     distillation_weight: float = Field(0.9, ge=0, le=1, description="KD share of the loss; rest is hard labels")

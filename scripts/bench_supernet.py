@@ -77,6 +77,13 @@ def run_variant(args, variant: str, seed: int, teacher: str) -> dict:
     }
 
 
+def run_device(recipe) -> str:
+    """The device the stages train on (the recipe's `device`; auto: CUDA when torch sees a GPU)."""
+    import torch
+
+    return "cuda" if recipe.device == "cuda" or (recipe.device == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def mean_sd(values: list[float]) -> str:
     values = [v for v in values if v is not None]
     if not values:
@@ -128,12 +135,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     json_path = args.out.with_suffix(".json")
     teacher = teacher_run(args)
+    device = run_device(load_recipe(args.recipe, args.overrides))
     results = []
     for seed in args.seeds:
         for variant in args.variants:
-            results.append(run_variant(args, variant, seed, teacher))
+            results.append({**run_variant(args, variant, seed, teacher), "device": device})
             write_json(json_path, {"task": args.task, "results": results})
-            common.write_report(args.out, render(results, args, common.provenance("cpu")))
+            common.write_report(args.out, render(results, args, common.provenance(device)))
     print(args.out.read_text())
     return 0
 

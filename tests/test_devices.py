@@ -86,17 +86,26 @@ def test_supernet_trains_in_bf16_and_search_and_export_run_on_cuda(write_recipe,
     seen = {}
     original_step = SandwichTrainer.training_step
 
+    def record_linear(module, args, output):
+        seen["autocast"] = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
+        seen["linear_output"] = output.dtype
+
     def record_step(self, model, inputs, *args, **kwargs):
         seen.update(student=next(model.parameters()).device.type, teacher=next(self.teacher.parameters()),
                     inputs=inputs["input_ids"].device.type, bf16=self.args.bf16,
                     pinned=self.args.dataloader_pin_memory)
-        with self.compute_loss_context_manager():
-            seen["autocast"] = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
+        if "hooked" not in seen:
+            # Accelerate puts autocast around the prepared model's forward (the Trainer's own
+            # compute_loss_context_manager is empty in transformers 5): look inside the student's forward.
+            seen["hooked"] = next(m for m in model.modules() if isinstance(m, torch.nn.Linear)).register_forward_hook(
+                record_linear)
         return original_step(self, model, inputs, *args, **kwargs)
 
     monkeypatch.setattr(SandwichTrainer, "training_step", record_step)
     metrics = train_supernet(recipe)
+    seen.pop("hooked").remove()
     assert seen["student"] == "cuda" and seen["inputs"] == "cuda" and seen["bf16"] and seen["autocast"]
+    assert seen["linear_output"] == torch.bfloat16
     assert seen["teacher"].device.type == "cuda" and seen["teacher"].dtype == torch.bfloat16 and seen["pinned"]
     assert all(0 <= result["score"] <= 1 for result in metrics["final"].values())
 
