@@ -207,3 +207,63 @@ def write_tiny_recipe(path: Path, output_dir: Path, model_dir: Path, glue_dir: P
         (recipe.setdefault(section, {}) if section else recipe)[leaf] = value
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+def export_beside_its_subnet(run_dir: Path, task: str, budget_folder: str = "budget-0.6"):
+    """An export of a finished run and, in eval mode beside it, the super-network with the exported
+    subnet active: what equality checks of an export compare. Returns (folder, exported, supernet)."""
+    from eftnas_cli import elastic
+    from eftnas_cli.models import load_model
+
+    spec = get_task(task)
+    folder = run_dir / "export" / budget_folder
+    exported = load_model(str(folder), spec).eval()
+    supernet = elastic.make_elastic(load_model(str(run_dir / "supernet" / "model"), spec)).eval()
+    elastic.activate(supernet, elastic.Subnet.from_dict(exported.config.eftnas_subnet))
+    return folder, exported, supernet
+
+
+def random_features(vocab_size: int, batch: int, length: int, pad_row_1_from: int, second_segment_from: int | None = None):
+    """Random token ids (seed 0, none of the special ids below 5), row 1 padded from a position, and
+    token types that switch to the second segment from a position (pairs, QA)."""
+    import torch
+
+    input_ids = torch.randint(5, vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, pad_row_1_from:] = 0
+    token_type_ids = torch.zeros_like(input_ids)
+    if second_segment_from is not None:
+        token_type_ids[:, second_segment_from:] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+
+
+def crash_at_step(monkeypatch, step: int, trainer=None) -> None:
+    """Make `trainer` (a Trainer class; default QuietTrainer) raise KeyboardInterrupt when it reaches
+    global step `step`, as a Ctrl-C there would."""
+    from eftnas_cli.training import QuietTrainer
+
+    trainer = trainer or QuietTrainer
+    original = trainer.training_step
+
+    def step_then_crash(self, *args, **kwargs):
+        if self.state.global_step == step:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "training_step", step_then_crash)
+
+
+def record_resumes(monkeypatch, trainer=None) -> list:
+    """The checkpoint each later `train()` of `trainer` (default QuietTrainer) continues from (None: the start)."""
+    from eftnas_cli.training import QuietTrainer
+
+    trainer = trainer or QuietTrainer
+    resumed_from = []
+    original_train = trainer.train
+
+    def record_train(self, *args, resume_from_checkpoint=None, **kwargs):
+        resumed_from.append(resume_from_checkpoint)
+        return original_train(self, *args, resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    monkeypatch.setattr(trainer, "train", record_train)
+    return resumed_from

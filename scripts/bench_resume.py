@@ -5,9 +5,11 @@ default taylor ranking and run uninterrupted between them), on the recipe (defau
 configs/quickstart.yaml):
 
   reference   the stage run once, uninterrupted, in run `<name>-resume-ref`;
-  killed      the same stage in run `<name>-resume-kill`, killed with SIGKILL --kills times, at
-              points drawn uniformly over the reference's wall time, the same command started
-              again after every kill, the last attempt running to the end.
+  killed      the same stage in run `<name>-resume-kill`, killed with SIGKILL --kills times (search
+              at points drawn uniformly over the reference's wall time; finetune and
+              train-supernet at a random point of their second checkpoint interval, so that
+              each kill has progress to lose), the same command started again after every kill,
+              the last attempt running to the end.
 
 Per kill it reports how long the attempt had run, the work lost (how long before the kill the
 stage last saved progress: its latest Trainer checkpoint for finetune and train-supernet, its
@@ -109,10 +111,20 @@ def finished_trials(run: Path) -> list[dict]:
 
 
 def killed_attempts(args, run_name: str, stage: str, reference_s: float, rng: random.Random) -> dict:
-    """Kill the stage at --kills points of the reference's timeline, restarting after each."""
+    """Kill the stage --kills times, restarting after each.
+
+    Search saves every finished trial, so its kills fall at points drawn over the reference's
+    timeline. A stage that saves a checkpoint every `checkpoint_minutes` is killed at a random
+    point of its second interval (after --min-attempt of start-up): killed sooner, an attempt
+    would have saved nothing and every attempt would start afresh, which measures nothing.
+    """
     run = args.run_root / run_name
-    points = sorted(rng.uniform(args.min_attempt, reference_s) for _ in range(args.kills))
-    durations = [max(args.min_attempt, b - a) for a, b in zip([0.0, *points], points)]
+    interval_s = 60 * args.checkpoint_minutes[stage] if stage in args.checkpoint_minutes else None
+    if interval_s is None:
+        points = sorted(rng.uniform(args.min_attempt, reference_s) for _ in range(args.kills))
+        durations = [max(args.min_attempt, b - a) for a, b in zip([0.0, *points], points)]
+    else:
+        durations = [args.min_attempt + interval_s * (1 + rng.random()) for _ in range(args.kills)]
     kills, total, continued = [], 0.0, []  # continued[i]: attempt i said it continued saved progress
     for planned in durations:
         started = time.monotonic()
@@ -197,8 +209,9 @@ def render(results: list[dict], header: dict, kills: int) -> tuple[str, list[com
         "",
         *common.provenance_lines(header),
         "",
-        "Each stage killed with SIGKILL at random points of its uninterrupted wall time and started again after "
-        "every kill; `lost` is how long before the kill the stage had last saved progress (a Trainer checkpoint, a "
+        "Each stage killed with SIGKILL and started again after every kill: search at random points of its "
+        "uninterrupted wall time, finetune and train-supernet at a random point of their second checkpoint interval; "
+        "`lost` is how long before the kill the stage had last saved progress (a Trainer checkpoint, a "
         "finished search trial), or the whole attempt when it had saved none; `resumed` counts the kills after "
         "which progress had been saved, and how many of them the next attempt continued.",
         "",
@@ -228,7 +241,9 @@ def run(args: argparse.Namespace, scratch: Path | None) -> int:
     from eftnas_cli.recipe import load_recipe
 
     if scratch is not None:
-        args.recipe = common.write_smoke_recipe(scratch, {"finetune.epochs": 3, "supernet.epochs": 3})
+        args.recipe = common.write_smoke_recipe(scratch, {"finetune.epochs": 3, "supernet.epochs": 3,
+                                                            "finetune.checkpoint_minutes": 0.05,
+                                                            "supernet.checkpoint_minutes": 0.05})
         args.run_root, args.out = scratch / "runs", scratch / "report.md"
         args.kills, args.min_attempt = min(args.kills, 2), 8.0
     recipe = load_recipe(args.recipe, args.overrides)
@@ -236,9 +251,12 @@ def run(args: argparse.Namespace, scratch: Path | None) -> int:
     args.checkpoint_minutes = {"finetune": recipe.finetune.checkpoint_minutes,
                                "train-supernet": recipe.supernet.checkpoint_minutes}
     store = args.out.with_suffix(".json")
-    done = {r["stage"]: r for r in json.loads(store.read_text())["results"]} if store.is_file() and scratch is None else {}
-    rng = random.Random(args.seed)
     header = common.provenance("cpu", {"kills per stage": str(args.kills)})
+    # Finished stages are kept only for the same command: other settings measure something else.
+    kept = json.loads(store.read_text()) if store.is_file() and scratch is None else None
+    same = kept is not None and kept["header"]["command"] == header["command"]
+    done = {r["stage"]: r for r in kept["results"]} if same else {}
+    rng = random.Random(args.seed)
     results, text, checks = [], "", []
     for stage in args.stages:
         result = done.get(stage) or bench_stage(args, stage, rng)

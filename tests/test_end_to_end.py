@@ -8,12 +8,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from eftnas_cli import elastic
 from eftnas_cli.cli import app
 from eftnas_cli.deploy import onnx_logits, openvino_logits
 from eftnas_cli.models import load_model
 from eftnas_cli.tasks import get_task
-from eftnas_cli.testing import make_tiny_model, write_tiny_recipe
+from eftnas_cli.testing import export_beside_its_subnet, make_tiny_model, random_features, write_tiny_recipe
 
 
 def invoke(*args):
@@ -57,18 +56,8 @@ def test_second_run_skips_completed_stages(finished_run):
 
 def test_export_matches_supernet_subnet_in_torch_onnx_openvino(finished_run):
     _, run_dir, _ = finished_run
-    spec = get_task("mrpc")
-    folder = run_dir / "export" / "budget-0.6"
-    exported = load_model(str(folder), spec)
-    subnet = elastic.Subnet.from_dict(exported.config.eftnas_subnet)
-    supernet = elastic.make_elastic(load_model(str(run_dir / "supernet" / "model"), spec)).eval()
-    elastic.activate(supernet, subnet)
-
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(5, exported.config.vocab_size, (3, 12), generator=generator)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, 8:] = 0
-    features = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": torch.zeros_like(input_ids)}
+    folder, exported, supernet = export_beside_its_subnet(run_dir, "mrpc")
+    features = random_features(exported.config.vocab_size, 3, 12, pad_row_1_from=8)
     with torch.no_grad():
         expected = supernet(**features).logits.numpy()
         got = exported(**features).logits.numpy()

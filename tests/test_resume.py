@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from eftnas_cli.recipe import load_recipe
 from eftnas_cli.stages.finetune import finetune
 from eftnas_cli.stages.pipeline import run_pipeline
-from eftnas_cli.training import QuietTrainer
+from eftnas_cli.testing import crash_at_step, record_resumes
 
 # A checkpoint after every step: checkpoint_minutes is wall time, and a tiny step takes milliseconds.
 EVERY_STEP = "finetune.checkpoint_minutes=1e-6"
@@ -23,30 +23,6 @@ EVERY_STEP = "finetune.checkpoint_minutes=1e-6"
 
 def teacher_weights(recipe) -> dict[str, torch.Tensor]:
     return load_file(str(recipe.run_dir / "finetune" / "model" / "model.safetensors"))
-
-
-def crash_at_step(monkeypatch, step: int, trainer=QuietTrainer) -> None:
-    original = trainer.training_step
-
-    def step_then_crash(self, *args, **kwargs):
-        if self.state.global_step == step:
-            raise KeyboardInterrupt
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(trainer, "training_step", step_then_crash)
-
-
-def record_resumes(monkeypatch) -> list:
-    """The checkpoint each later `train()` call continues from (None: from the start)."""
-    resumed_from = []
-    original_train = QuietTrainer.train
-
-    def record_train(self, *args, resume_from_checkpoint=None, **kwargs):
-        resumed_from.append(resume_from_checkpoint)
-        return original_train(self, *args, resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-
-    monkeypatch.setattr(QuietTrainer, "train", record_train)
-    return resumed_from
 
 
 def test_interrupted_finetune_continues_where_it_stopped(write_recipe, monkeypatch):

@@ -149,20 +149,21 @@ def glue_with(change: Callable[[Path], None]) -> Callable[[Workspace], list[str]
     return argv
 
 
-def without_label(task_dir: Path) -> None:
+def rewrite_split(split_file: Path, change) -> None:
+    """Replace a parquet split with `change(its rows)`."""
     import datasets
 
-    path = str(task_dir / "train.parquet")
-    datasets.Dataset.from_parquet(path).remove_columns("label").to_parquet(path + ".new")
-    os.replace(path + ".new", path)
+    changed = change(datasets.Dataset.from_parquet(str(split_file)))
+    changed.to_parquet(str(split_file) + ".new")
+    os.replace(str(split_file) + ".new", split_file)
+
+
+def without_label(task_dir: Path) -> None:
+    rewrite_split(task_dir / "train.parquet", lambda rows: rows.remove_columns("label"))
 
 
 def empty_validation(task_dir: Path) -> None:
-    import datasets
-
-    path = str(task_dir / "validation.parquet")
-    datasets.Dataset.from_parquet(path).select([]).to_parquet(path + ".new")
-    os.replace(path + ".new", path)
+    rewrite_split(task_dir / "validation.parquet", lambda rows: rows.select([]))
 
 
 def squad_with(change: Callable[[Path], None]) -> Callable[[Workspace], list[str]]:
@@ -178,22 +179,17 @@ def squad_with(change: Callable[[Path], None]) -> Callable[[Workspace], list[str
 
 
 def without_answers(task_dir: Path) -> None:
-    import datasets
-
-    path = str(task_dir / "validation.parquet")
-    datasets.Dataset.from_parquet(path).remove_columns("answers").to_parquet(path + ".new")
-    os.replace(path + ".new", path)
+    rewrite_split(task_dir / "validation.parquet", lambda rows: rows.remove_columns("answers"))
 
 
 def answer_moved(task_dir: Path) -> None:
-    import datasets
+    def shift_third_answer(row, index):
+        if index != 2:
+            return {"answers": row["answers"]}
+        answers = row["answers"]
+        return {"answers": {**answers, "answer_start": [start + 1 for start in answers["answer_start"]]}}
 
-    path = str(task_dir / "train.parquet")
-    rows = datasets.Dataset.from_parquet(path)
-    shifted = rows.map(lambda row, index: {"answers": {**row["answers"], "answer_start": [
-        start + 1 for start in row["answers"]["answer_start"]]} if index == 2 else row["answers"]}, with_indices=True)
-    shifted.to_parquet(path + ".new")
-    os.replace(path + ".new", path)
+    rewrite_split(task_dir / "train.parquet", lambda rows: rows.map(shift_third_answer, with_indices=True))
 
 
 @dataclass

@@ -17,7 +17,7 @@ from eftnas_cli.deploy import onnx_outputs, openvino_outputs
 from eftnas_cli.models import load_model, load_tokenizer
 from eftnas_cli.recipe import load_recipe
 from eftnas_cli.tasks import EXTRACTIVE_QA, REGRESSION, TASKS, get_task
-from eftnas_cli.testing import QA_KEYWORD, make_tiny_task_dir, write_tiny_recipe
+from eftnas_cli.testing import QA_KEYWORD, export_beside_its_subnet, make_tiny_task_dir, random_features, write_tiny_recipe
 from eftnas_cli.training import evaluate
 
 # Short windows: the synthetic contexts of 40 words span several of them.
@@ -109,20 +109,8 @@ def test_squad_runs_through_every_stage(squad_run):
 
 def test_squad_export_matches_torch_in_onnx_runtime_and_openvino(squad_run):
     _, run_dir, _ = squad_run
-    spec = get_task("squad")
-    folder = run_dir / "export" / "budget-0.6"
-    exported = load_model(str(folder), spec).eval()
-    subnet = elastic.Subnet.from_dict(exported.config.eftnas_subnet)
-    supernet = elastic.make_elastic(load_model(str(run_dir / "supernet" / "model"), spec)).eval()
-    elastic.activate(supernet, subnet)
-
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(5, exported.config.vocab_size, (3, 20), generator=generator)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, 14:] = 0
-    token_type_ids = torch.zeros_like(input_ids)
-    token_type_ids[:, 6:] = 1
-    features = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+    folder, exported, supernet = export_beside_its_subnet(run_dir, "squad")
+    features = random_features(exported.config.vocab_size, 3, 20, pad_row_1_from=14, second_segment_from=6)
     with torch.no_grad():
         expected = supernet(**features)
         got = exported(**features)

@@ -17,7 +17,7 @@ from eftnas_cli.stages.gen_space import generate_space
 from eftnas_cli.stages.importance import compute_importance
 from eftnas_cli.stages.train_supernet import SandwichTrainer, train_supernet
 from eftnas_cli.tasks import get_task
-from eftnas_cli.testing import write_tiny_recipe
+from eftnas_cli.testing import crash_at_step, record_resumes, write_tiny_recipe
 from eftnas_cli.training import distillation_loss
 
 
@@ -36,27 +36,14 @@ def recipe_with_space(tmp_path_factory, tiny_model_dir, tiny_glue_dir):
 def test_interrupted_training_resumes_from_its_checkpoint(recipe_with_space, monkeypatch):
     recipe = recipe_with_space
     original_step = SandwichTrainer.training_step
-
-    def step_then_crash(self, *args, **kwargs):
-        if self.state.global_step == 3:
-            raise KeyboardInterrupt
-        return original_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(SandwichTrainer, "training_step", step_then_crash)
+    crash_at_step(monkeypatch, 3, SandwichTrainer)
     with pytest.raises(KeyboardInterrupt):
         train_supernet(recipe)
     assert (recipe.run_dir / "checkpoints" / "supernet" / "checkpoint-2").is_dir()
     assert not (recipe.run_dir / "supernet").exists()
 
     monkeypatch.setattr(SandwichTrainer, "training_step", original_step)
-    resumed_from = []
-    original_train = SandwichTrainer.train
-
-    def record_train(self, *args, resume_from_checkpoint=None, **kwargs):
-        resumed_from.append(resume_from_checkpoint)
-        return original_train(self, *args, resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-
-    monkeypatch.setattr(SandwichTrainer, "train", record_train)
+    resumed_from = record_resumes(monkeypatch, SandwichTrainer)
     metrics = train_supernet(recipe, resume=True)
     assert resumed_from[0].endswith("checkpoint-2")
     assert set(metrics["final"]) == {"largest", "middle", "smallest"}
