@@ -357,8 +357,8 @@ def main_metric_value(task: str | Task, metrics: dict[str, float]) -> float:
 @torch.no_grad()
 def model_outputs(model, rows: datasets.Dataset, collator, output_names, batch_size: int = 64, *,
                   with_labels: bool) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """The named outputs of `model` over `rows` in order (a plain loop: cheap enough for search
-    trials), and the rows' labels when asked. Per-token outputs of batches padded to different
+    """The named outputs of `model` over `rows` in their order (a plain loop over batches of similar
+    length: cheap enough for search trials), and the rows' labels when asked. Per-token outputs of batches padded to different
     lengths are stacked padded with PADDED_LOGIT."""
     device = next(model.parameters()).device
     was_training = model.training
@@ -368,6 +368,10 @@ def model_outputs(model, rows: datasets.Dataset, collator, output_names, batch_s
     inputs = [name for name in MODEL_INPUTS if name in rows.column_names]
     keys = [*inputs, *(["labels"] if with_labels else [])]
     rows = rows.select_columns(keys)  # QA windows also hold offsets, which slicing would read for nothing
+    # Batches of rows of similar length pad less (MRPC at batch 64: 54 tokens a row instead of 83);
+    # the outputs are put back in the rows' order below.
+    order = np.argsort([len(ids) for ids in rows["input_ids"]], kind="stable")
+    rows = rows.select(order)
     collected: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
     labels = []
     for start in range(0, len(rows), batch_size):
@@ -379,6 +383,10 @@ def model_outputs(model, rows: datasets.Dataset, collator, output_names, batch_s
         for name in output_names:
             collected[name].append(outputs[name].float().cpu().numpy())
     model.train(was_training)
+    if len(order):  # a rank's shard can be empty
+        restore = np.argsort(order)
+        collected = {name: [_stack(parts)[restore]] for name, parts in collected.items()}
+        labels = [np.concatenate(labels)[restore]] if with_labels else labels
     collected, labels = distributed.gather_lists(collected, labels)
     stacked = {name: _stack(parts) for name, parts in collected.items()}
     return stacked, np.concatenate(labels) if with_labels else None

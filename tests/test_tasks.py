@@ -62,6 +62,34 @@ def test_every_task_validates_fine_tunes_and_evaluates(task, tmp_path, tiny_mode
     assert type(saved).__name__.endswith(head)
 
 
+@pytest.mark.parametrize("task", ["mrpc", "squad"])
+def test_model_outputs_come_back_in_the_rows_order(task, tiny_model_dir):
+    """Batches are formed from rows of similar length; every output must still be its own row's."""
+    import datasets
+
+    from eftnas_cli.tasks import model_outputs
+
+    spec = get_task(task)
+    model = load_model(str(tiny_model_dir), spec).eval()
+    lengths = [9, 3, 12, 5, 7, 3, 11]
+    ids = [[2, *[7 + i + j for j in range(n - 2)], 3] for i, n in enumerate(lengths)]
+    rows = datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * n for n in lengths],
+                                       "token_type_ids": [[0] * n for n in lengths], "labels": list(range(len(ids)))})
+    names = spec.kind.output_names
+    with torch.no_grad():
+        outputs, labels = model_outputs(model, rows, spec.kind.collator(load_tokenizer(str(tiny_model_dir))), names,
+                                        batch_size=3, with_labels=True)
+        alone = [model(input_ids=torch.tensor([row])) for row in ids]
+    assert labels.tolist() == list(range(len(ids)))
+    for name in names:
+        for index, n in enumerate(lengths):
+            expected = alone[index][name][0].numpy()
+            got = outputs[name][index]
+            if expected.ndim:  # per token: this row's tokens come first, padding after
+                got = got[:n]
+            np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
 def test_long_contexts_become_windows_that_cover_every_answer(tmp_path, tiny_model_dir):
     data_dir = make_tiny_task_dir(tmp_path, "squad", n_train=24, n_eval=24)
     data = load_task_data("squad", load_tokenizer(str(tiny_model_dir)), data_dir=data_dir, max_seq_length=24,
