@@ -79,9 +79,15 @@ def prepare(args, run_name: str, stage: str) -> None:
             raise SystemExit(f"preparing {run_name} up to {until} failed:\n{result.stderr[-2000:]}")
 
 
-def finished(run: Path, stage: str) -> bool:
-    manifest = run / "manifest.json"
-    return manifest.is_file() and stage in json.loads(manifest.read_text()).get("stages", {})
+def finished(args, run_name: str, stage: str) -> bool:
+    """`stage` finished in the run with today's recipe and code defaults (an earlier result of other
+    settings is measured again)."""
+    from eftnas_cli.recipe import load_recipe
+    from eftnas_cli.rundir import RunDir
+
+    recipe = load_recipe(args.recipe, [f"name={run_name}", f"output_dir={args.run_root}", f"seed={args.seed}",
+                                       *args.overrides])
+    return RunDir(recipe).is_current(stage)
 
 
 def last_saved_progress(run: Path, stage: str) -> float | None:
@@ -168,10 +174,10 @@ def compare(args, stage: str) -> dict:
 def bench_stage(args, stage: str, rng: random.Random) -> dict:
     reference, killed = f"{args.name}-resume-ref", f"{args.name}-resume-kill"
     prepare(args, reference, stage)
-    reference_s = run_stage(args, reference, stage)[0] if not finished(args.run_root / reference, stage) else None
+    reference_s = run_stage(args, reference, stage)[0] if not finished(args, reference, stage) else None
     if reference_s is None:  # finished by an interrupted earlier bench: its wall time is in the manifest
         reference_s = json.loads((args.run_root / reference / "manifest.json").read_text())["stages"][stage]["wall_time_s"]
-    if finished(args.run_root / killed, stage):  # an interrupted bench finished it: measure afresh
+    if finished(args, killed, stage):  # an interrupted bench finished it: measure afresh
         shutil.rmtree(args.run_root / killed)
     prepare(args, killed, stage)
     print(f"{stage}: reference {common.format_duration(reference_s)}; killing {args.kills} times", flush=True)
