@@ -76,6 +76,7 @@ def training_arguments(
         weight_decay=section.weight_decay,
         warmup_steps=section.warmup,  # a float below 1 is a fraction of all steps in transformers 5
         lr_scheduler_type=section.lr_scheduler,
+        train_sampling_strategy="group_by_length" if section.group_by_length else "random",
         eval_strategy="epoch" if keep_best else "no",
         save_strategy="epoch" if keep_best else "steps",
         save_steps=save_steps or NO_CHECKPOINTS,

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True, highlight=False)
+REDIRECTED_WIDTH = 160
+# Written to a file or a CI log, rich would wrap at 80 columns and cut the numbers of result tables.
+console = Console(stderr=True, highlight=False,
+                  width=None if sys.stderr.isatty() or "COLUMNS" in os.environ else REDIRECTED_WIDTH)
 
 
 def progress() -> Progress:
