@@ -86,7 +86,7 @@ class TrainingSection(Section):
     max_steps: int | None = Field(None, ge=1, description="caps the steps (tests, smoke runs)")
     lr_scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="learning-rate decay")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
-    group_by_length: bool = Field(True, description=(
+    group_by_length: bool = Field(True, json_schema_extra={"before_it_existed": False}, description=(
         "batch training rows of similar length together (the Trainer's group_by_length sampling): "
         "less padding, e.g. MRPC pads its batches of 32 to 54 tokens a row instead of 80"))
 

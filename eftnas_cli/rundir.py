@@ -57,16 +57,26 @@ REPLACED_MARKER = ".replaced-"
 __all__ = ["RunDir", "StageOutput", "UpstreamError", "sha256", "write_json"]
 
 
+BEFORE_IT_EXISTED = "before_it_existed"
+
+
+def _value_before_it_existed(field) -> Any:
+    """How older eftnas versions behaved on a key added since: the field's `before_it_existed`
+    (json_schema_extra) where its default changed that behaviour, else its default."""
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    return extra.get(BEFORE_IT_EXISTED, field.default)
+
+
 def as_recorded(section: BaseModel, recorded: dict | None) -> dict[str, Any]:
     """`section` as a stage record holds it. Compared with a record an older eftnas wrote, a key
-    added since is left out while it keeps its default: that run ran with the default too, and
-    should not be redone because the schema grew."""
+    added since is left out while it asks for what that eftnas did: such a run should not be redone
+    because the schema grew (but should be when the new key's default changed the behaviour)."""
     dumped = section.model_dump(mode="json")
     if recorded is None:
         return dumped
     fields = type(section).model_fields
     return {key: value for key, value in dumped.items()
-            if key in recorded or key not in fields or value != fields[key].default}
+            if key in recorded or key not in fields or value != _value_before_it_existed(fields[key])}
 
 
 def sha256(path: Path) -> str:

@@ -181,3 +181,20 @@ def test_a_stage_recorded_before_a_recipe_key_existed_stays_current_at_its_defau
     assert RunDir(load_recipe(path)).is_current("finetune")
     assert not RunDir(load_recipe(path, ["task.doc_stride=64"])).is_current("finetune")
     assert not RunDir(load_recipe(path, ["finetune.checkpoint_minutes=5"])).is_current("finetune")
+
+
+def test_a_new_key_whose_default_changed_the_training_makes_older_stages_stale(write_recipe):
+    """finetune.group_by_length arrived defaulting to on; runs recorded before it trained without:
+    they are redone at the default and stay current with the key off."""
+    from eftnas_cli.stages.finetune import finetune
+
+    path = write_recipe()
+    recipe = load_recipe(path, ["finetune.group_by_length=false"])
+    finetune(recipe)
+    run = RunDir(recipe)
+    manifest = json.loads(run.manifest_path.read_text())
+    del manifest["stages"]["finetune"]["recipe"]["group_by_length"]  # as an older eftnas wrote it
+    run.manifest_path.write_text(json.dumps(manifest))
+    assert RunDir(load_recipe(path, ["finetune.group_by_length=false"])).is_current("finetune")
+    assert not RunDir(load_recipe(path)).is_current("finetune")
+
