@@ -175,7 +175,8 @@ def cell(context: SeedContext, method: str, budget: float, subnet: elastic.Subne
          train_wall_s: float | None, **extra) -> dict:
     return {"method": method, "budget": budget, "metrics": metrics,
             "macs_ratio": None if subnet is None else context.macs_ratio(subnet),
-            "subnet": None if subnet is None else subnet.to_dict(), "train_wall_s": train_wall_s, **extra}
+            "subnet": None if subnet is None else subnet.to_dict(), "train_wall_s": train_wall_s,
+            "device": context.device.type, **extra}  # cells of one report may come from several machines
 
 
 def kd_finetune(context: SeedContext, student: torch.nn.Module, description: str, epochs: float | None = None):
@@ -434,7 +435,14 @@ def compute_table(result: dict) -> str:
             if walls:
                 rows.append([f"{METHODS[method]} @ {budget:g}", common.format_duration(statistics.mean(walls)), note])
     rows.append(["teacher (shared, once)", common.format_duration(result["teacher_wall_s"]), "finetune"])
-    return common.markdown_table(["what", "training wall time (mean over seeds)", "of which"], rows, align="lrl")
+    table = common.markdown_table(["what", "training wall time (mean over seeds)", "of which"], rows, align="lrl")
+    devices = {}
+    for c in result["cells"]:
+        devices.setdefault(c.get("device", "unrecorded"), set()).add(c["seed"])
+    if len(devices) > 1:  # wall times of different machines do not compare
+        table += "\n\nCells measured on several devices: " + "; ".join(
+            f"{device}: seeds {', '.join(map(str, sorted(seeds)))}" for device, seeds in sorted(devices.items())) + "."
+    return table
 
 
 def render_report(results: dict[str, dict], header: dict) -> str:
