@@ -79,6 +79,17 @@ def as_recorded(section: BaseModel, recorded: dict | None) -> dict[str, Any]:
             if key in recorded or key not in fields or value != _value_before_it_existed(fields[key])}
 
 
+def shared_settings(recipe: Recipe, like: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The settings every stage depends on (seed, model, task); `like` a record, as that record
+    would hold them (`as_recorded`)."""
+    like = like or {}
+    return {
+        "seed": recipe.seed,
+        "model": as_recorded(recipe.model, like.get("model")),
+        "task": as_recorded(recipe.task, like.get("task")),
+    }
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -223,7 +234,8 @@ class RunDir:
             return False
         section = getattr(self.recipe, STAGE_SECTIONS[stage])
         recorded_shared = record.get("shared") or {}
-        if record["recipe"] != as_recorded(section, record["recipe"]) or recorded_shared != self._shared_settings(recorded_shared):
+        if (record["recipe"] != as_recorded(section, record["recipe"])
+                or recorded_shared != shared_settings(self.recipe, recorded_shared)):
             return False
         for files in (record["inputs"], record["outputs"]):
             for name, digest in files.items():
@@ -231,15 +243,6 @@ class RunDir:
                 if not path.is_file() or sha256(path) != digest:
                     return False
         return True
-
-    def _shared_settings(self, like: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The settings every stage depends on; `like` a record, as that record would hold them."""
-        like = like or {}
-        return {
-            "seed": self.recipe.seed,
-            "model": as_recorded(self.recipe.model, like.get("model")),
-            "task": as_recorded(self.recipe.task, like.get("task")),
-        }
 
     # ---- the writer lock ----------------------------------------------------------------
     @contextlib.contextmanager
@@ -394,7 +397,7 @@ class RunDir:
         manifest["identity"] = self._identity()
         manifest["stages"][stage] = {
             "recipe": getattr(self.recipe, section).model_dump(mode="json"),
-            "shared": self._shared_settings(),
+            "shared": shared_settings(self.recipe),
             "inputs": {self._relative(p): sha256(p) for p in sorted(set(output.inputs))},
             "outputs": {self._relative(p): sha256(p) for p in _files_under(final)},
             "versions": library_versions(),

@@ -20,7 +20,7 @@ from eftnas_cli.data import TaskData
 from eftnas_cli.errors import RecipeError
 from eftnas_cli.models import best_device
 from eftnas_cli.recipe import Recipe, SupernetSection, TrainingSection
-from eftnas_cli.rundir import as_recorded, sha256
+from eftnas_cli.rundir import as_recorded, sha256, shared_settings
 from eftnas_cli.tasks import Task
 from eftnas_cli.ui import console, progress
 
@@ -134,10 +134,8 @@ class ResumableCheckpoints:
         """What a checkpoint must have been trained with to be continued; `like` a recorded one, as
         that one would hold it (a recipe key added since, at its default, is left out)."""
         like = like or {}
-        recipe = self.recipe
-        return {self.section: as_recorded(getattr(recipe, self.section), like.get(self.section)), "seed": recipe.seed,
-                "model": as_recorded(recipe.model, like.get("model")), "task": as_recorded(recipe.task, like.get("task")),
-                "inputs": self.input_hashes}
+        return {self.section: as_recorded(getattr(self.recipe, self.section), like.get(self.section)),
+                **shared_settings(self.recipe, like), "inputs": self.input_hashes}
 
     def open(self) -> str | None:
         """The latest checkpoint to continue from (None: start afresh); readies the folder."""
