@@ -284,7 +284,6 @@ class ExtractiveQA:
 
 SEQUENCE_CLASSIFICATION, REGRESSION, EXTRACTIVE_QA = SequenceClassification(), Regression(), ExtractiveQA()
 TaskKind = SequenceClassification | ExtractiveQA
-KINDS = {kind.name: kind for kind in (SEQUENCE_CLASSIFICATION, REGRESSION, EXTRACTIVE_QA)}
 
 
 def _glue(name, text_keys, main_metric="accuracy", num_labels=2, eval_splits=("validation",), kind=SEQUENCE_CLASSIFICATION):
@@ -358,8 +357,8 @@ def main_metric_value(task: str | Task, metrics: dict[str, float]) -> float:
 def model_outputs(model, rows: datasets.Dataset, collator, output_names, batch_size: int = 64, *,
                   with_labels: bool) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """The named outputs of `model` over `rows` in their order (a plain loop over batches of similar
-    length: cheap enough for search trials), and the rows' labels when asked. Per-token outputs of batches padded to different
-    lengths are stacked padded with PADDED_LOGIT."""
+    length: cheap enough for search trials), and the rows' labels when asked. Per-token outputs of
+    batches padded to different lengths are stacked padded with PADDED_LOGIT."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
