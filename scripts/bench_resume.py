@@ -46,9 +46,13 @@ CHECKPOINTS = {"finetune": "finetune", "train-supernet": "supernet"}
 WEIGHTS = {"finetune": "finetune/model/model.safetensors", "train-supernet": "supernet/model/model.safetensors"}
 
 
+def run_overrides(args, run_name: str) -> list[str]:
+    """The recipe overrides of run `run_name`: every command and check of it uses these."""
+    return [f"name={run_name}", f"output_dir={args.run_root}", f"seed={args.seed}", *args.overrides]
+
+
 def stage_command(args, run_name: str, stage: str) -> list[str]:
-    return [sys.executable, "-m", "eftnas_cli.cli", stage, str(args.recipe), f"name={run_name}",
-            f"output_dir={args.run_root}", f"seed={args.seed}", *args.overrides]
+    return [sys.executable, "-m", "eftnas_cli.cli", stage, str(args.recipe), *run_overrides(args, run_name)]
 
 
 def run_stage(args, run_name: str, stage: str) -> tuple[float, str]:
@@ -73,7 +77,7 @@ def prepare(args, run_name: str, stage: str) -> None:
     until = UPSTREAM[stage]
     if until is not None:
         command = [sys.executable, "-m", "eftnas_cli.cli", "run", str(args.recipe), "--until", until,
-                   f"name={run_name}", f"output_dir={args.run_root}", f"seed={args.seed}", *args.overrides]
+                   *run_overrides(args, run_name)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise SystemExit(f"preparing {run_name} up to {until} failed:\n{result.stderr[-2000:]}")
@@ -85,9 +89,7 @@ def finished(args, run_name: str, stage: str) -> bool:
     from eftnas_cli.recipe import load_recipe
     from eftnas_cli.rundir import RunDir
 
-    recipe = load_recipe(args.recipe, [f"name={run_name}", f"output_dir={args.run_root}", f"seed={args.seed}",
-                                       *args.overrides])
-    return RunDir(recipe).is_current(stage)
+    return RunDir(load_recipe(args.recipe, run_overrides(args, run_name))).is_current(stage)
 
 
 def last_saved_progress(run: Path, stage: str) -> float | None:

@@ -23,6 +23,7 @@ from pathlib import Path
 import _bench_common as common
 
 from eftnas_cli import artifacts
+from eftnas_cli.models import best_device
 from eftnas_cli.recipe import load_recipe
 from eftnas_cli.rundir import RunDir, write_json
 from eftnas_cli.stages.pipeline import run_pipeline
@@ -77,13 +78,6 @@ def run_variant(args, variant: str, seed: int, teacher: str) -> dict:
     }
 
 
-def run_device(recipe) -> str:
-    """The device the stages train on (the recipe's `device`; auto: CUDA when torch sees a GPU)."""
-    import torch
-
-    return "cuda" if recipe.device == "cuda" or (recipe.device == "auto" and torch.cuda.is_available()) else "cpu"
-
-
 def mean_sd(values: list[float]) -> str:
     values = [v for v in values if v is not None]
     if not values:
@@ -135,7 +129,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     json_path = args.out.with_suffix(".json")
     teacher = teacher_run(args)
-    device = run_device(load_recipe(args.recipe, args.overrides))
+    device = best_device(load_recipe(args.recipe, args.overrides).device).type  # what the stages train on
     results = []
     for seed in args.seeds:
         for variant in args.variants:
