@@ -122,7 +122,7 @@ def finetune(recipe: Path = RECIPE, overrides: Optional[List[str]] = OVERRIDES) 
 
 @app.command()
 def importance(recipe: Path = RECIPE, overrides: Optional[List[str]] = OVERRIDES) -> None:
-    """Movement-pruning importance of every attention head and FFN neuron."""
+    """First-order importance of every attention head and FFN neuron (Taylor on the teacher, or movement pruning)."""
     from eftnas_cli.stages.importance import compute_importance as stage
 
     _run("importance", stage, recipe, overrides)
