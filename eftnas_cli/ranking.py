@@ -36,12 +36,14 @@ from eftnas_cli.training import NO_CHECKPOINTS, CheckpointEvery, QuietTrainer, R
 @dataclass(frozen=True)
 class RankingRun:
     """Where and how a method runs: the recipe's seed and device; for a method that trains, the
-    folder of its checkpoints and the one to continue from (None: start afresh)."""
+    folder of its checkpoints, the one to continue from (None: start afresh) and the stage's clock
+    (a time.perf_counter() value, earlier attempts included: ResumableCheckpoints.started)."""
 
     seed: int
     device: str
     checkpoints: Path
     resume_from: str | None = None
+    started: float | None = None
 
 
 @dataclass(frozen=True)
@@ -233,7 +235,7 @@ def movement_trainer(model: nn.Module, scores: MovementScores, data: TaskData, s
         train_dataset=data.train,
         data_collator=data.collator,
         optimizers=(optimizer, None),
-        callbacks=[RichProgress(f"movement scores on {data.spec.name}"), CheckpointEvery(section.checkpoint_minutes),
+        callbacks=[RichProgress(f"movement scores on {data.spec.name}"), CheckpointEvery(section.checkpoint_minutes, run.started),
                    *callbacks],
         scores=scores,
         section=section,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ExportableState
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -98,17 +99,28 @@ def training_arguments(
     )
 
 
-class CheckpointEvery(TrainerCallback):
+class CheckpointEvery(TrainerCallback, ExportableState):
     """Asks the Trainer for a checkpoint after every `minutes` of training, so that a killed run
     loses at most that much work whatever its length (a fixed step interval suits no run size).
-    The main process's clock decides for all ranks: each saves its part of the same checkpoint."""
+    The main process's clock decides for all ranks: each saves its part of the same checkpoint.
 
-    def __init__(self, minutes: float):
+    Each checkpoint's trainer state also records the stage's wall time so far (`elapsed_s`, from
+    `started`, a time.perf_counter() value that ResumableCheckpoints moves back by the earlier
+    attempts' time), so that a resumed stage reports all its work, not its last attempt's."""
+
+    def __init__(self, minutes: float, started: float | None = None):
         self.seconds = minutes * 60
+        self.started = time.perf_counter() if started is None else started
         self.last = time.monotonic()
+
+    def state(self) -> dict:
+        return {"args": {"minutes": self.seconds / 60},
+                "attributes": {"elapsed_s": round(time.perf_counter() - self.started, 2)}}
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.last = time.monotonic()
+        # A checkpoint written before this callback recorded its state lacks the entry the Trainer updates.
+        state.stateful_callbacks.setdefault(type(self).__name__, self.state())
 
     def on_step_end(self, args, state, control, **kwargs):
         if distributed.broadcast(time.monotonic() - self.last >= self.seconds):
@@ -120,7 +132,10 @@ class ResumableCheckpoints:
     """A training stage's Trainer checkpoints, kept in `<run>/checkpoints/<folder>/` rather than in
     the stage's temporary folder so that they outlive a killed process. A fingerprint beside them
     (the recipe's `section`, the shared settings and the hashes of the stage's input files) decides
-    whether a new run may continue them: checkpoints of any other run are removed, never resumed."""
+    whether a new run may continue them: checkpoints of any other run are removed, never resumed.
+
+    `started` dates the stage's work as a time.perf_counter() value: now, moved back by the wall
+    time recorded in the checkpoint it continues (`CheckpointEvery`), for the stage's manifest."""
 
     FINGERPRINT = "fingerprint.json"
 
@@ -129,6 +144,7 @@ class ResumableCheckpoints:
         self.recipe, self.section = recipe, section
         # Hashed once: open() compares and then records the fingerprint, and inputs include model weights.
         self.input_hashes = {str(path): sha256(path) for path in inputs}
+        self.started = time.perf_counter()
 
     def fingerprint(self, like: dict | None = None) -> dict:
         """What a checkpoint must have been trained with to be continued; `like` a recorded one, as
@@ -145,6 +161,8 @@ class ResumableCheckpoints:
             recorded = json.loads(recorded_file.read_text()) if recorded_file.is_file() else None
             if recorded is not None and recorded == self.fingerprint(recorded):
                 last = self._last_complete()
+                if last is not None:
+                    self.started = time.perf_counter() - self._elapsed(last)
             else:
                 shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -162,6 +180,16 @@ class ResumableCheckpoints:
             except (OSError, ValueError):
                 shutil.rmtree(checkpoint)
         return str(max(complete, key=lambda c: int(c.name.rpartition("-")[2]))) if complete else None
+
+    @staticmethod
+    def _elapsed(checkpoint: str) -> float:
+        """The stage's wall time up to `checkpoint` (0 for one saved without `CheckpointEvery`)."""
+        callbacks = json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text()).get("stateful_callbacks", {})
+        return callbacks.get(CheckpointEvery.__name__, {"attributes": {}})["attributes"].get("elapsed_s", 0.0)
+
+    def every(self, minutes: float) -> CheckpointEvery:
+        """The callback that saves these checkpoints every `minutes`, on this stage's clock."""
+        return CheckpointEvery(minutes, self.started)
 
     def remove(self) -> None:
         """Once the stage's result is saved, the checkpoints have served."""

@@ -16,6 +16,7 @@ from eftnas_cli.recipe import load_recipe
 from eftnas_cli.stages.finetune import finetune
 from eftnas_cli.stages.pipeline import run_pipeline
 from eftnas_cli.testing import crash_at_step, record_resumes
+from eftnas_cli.training import QuietTrainer
 
 # A checkpoint after every step: checkpoint_minutes is wall time, and a tiny step takes milliseconds.
 EVERY_STEP = "finetune.checkpoint_minutes=1e-6"
@@ -47,6 +48,48 @@ def test_interrupted_finetune_continues_where_it_stopped(write_recipe, monkeypat
     # Resuming restores the optimizer, scheduler, data order and RNG: the same teacher up to float noise.
     for name, tensor in straight.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-5, msg=name)
+
+
+def test_a_resumed_stage_reports_the_wall_time_of_every_attempt(write_recipe, monkeypatch):
+    """The manifest's wall time counts the work the interrupted attempt saved, not only the last attempt's."""
+    recipe = load_recipe(write_recipe(), ["name=slow-start", EVERY_STEP])
+    crash_at_step(monkeypatch, 3)
+    crashing_step = QuietTrainer.training_step
+
+    def slow_step(self, *args, **kwargs):
+        time.sleep(0.5)
+        return crashing_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(QuietTrainer, "training_step", slow_step)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(recipe)
+    monkeypatch.undo()
+    state = json.loads((recipe.run_dir / "checkpoints" / "finetune" / "checkpoint-3" / "trainer_state.json").read_text())
+    earlier = state["stateful_callbacks"]["CheckpointEvery"]["attributes"]["elapsed_s"]
+    assert earlier >= 1.5  # three slowed steps
+
+    started = time.perf_counter()
+    finetune(recipe)
+    last_attempt = time.perf_counter() - started
+    wall = json.loads((recipe.run_dir / "manifest.json").read_text())["stages"]["finetune"]["wall_time_s"]
+    assert earlier <= wall <= earlier + last_attempt + 0.01
+
+
+def test_a_checkpoint_from_before_wall_times_were_recorded_is_continued(write_recipe, monkeypatch):
+    recipe = load_recipe(write_recipe(), ["name=older-checkpoint", EVERY_STEP])
+    crash_at_step(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(recipe)
+    monkeypatch.undo()
+    state_file = recipe.run_dir / "checkpoints" / "finetune" / "checkpoint-3" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["stateful_callbacks"]["CheckpointEvery"]
+    state_file.write_text(json.dumps(state))
+
+    resumed_from = record_resumes(monkeypatch)
+    finetune(recipe)  # the Trainer would fail at its next checkpoint on the missing entry
+    assert resumed_from == [str(state_file.parent)]
+    assert (recipe.run_dir / "finetune" / "model" / "model.safetensors").is_file()
 
 
 def test_checkpoints_of_another_recipe_are_not_continued(write_recipe, monkeypatch):

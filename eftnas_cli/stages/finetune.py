@@ -11,7 +11,6 @@ from eftnas_cli.models import load_model, load_tokenizer, resolve_model, save_mo
 from eftnas_cli.recipe import Recipe
 from eftnas_cli.rundir import RunDir, holds_lock, write_json
 from eftnas_cli.training import (
-    CheckpointEvery,
     ResumableCheckpoints,
     RichProgress,
     TaskTrainer,
@@ -43,7 +42,7 @@ def finetune(recipe: Recipe) -> dict:
     last_checkpoint = distributed.on_main(checkpoints.open)  # the main process decides for every rank
     console.print(f"finetune: continuing from {last_checkpoint}" if last_checkpoint else
                   "finetune: starting (no checkpoint of this recipe yet)", soft_wrap=True)
-    with run.stage("finetune") as out:
+    with run.stage("finetune", started=checkpoints.started) as out:
         trainer = TaskTrainer(
             model=model,
             args=training_arguments(section, checkpoints.folder, recipe.seed, device=recipe.device, main_metric="score"),
@@ -53,7 +52,7 @@ def finetune(recipe: Recipe) -> dict:
             processing_class=tokenizer,
             spec=data.spec,
             callbacks=[RichProgress(f"fine-tuning {recipe.model.name} on {data.spec.name}"),
-                       CheckpointEvery(section.checkpoint_minutes)],
+                       checkpoints.every(section.checkpoint_minutes)],
         )
         trainer.train(resume_from_checkpoint=last_checkpoint)
         distributed.barrier()  # every rank has loaded the best epoch's checkpoint

@@ -48,11 +48,12 @@ def compute_importance(recipe: Recipe) -> dict:
         resume_from = distributed.on_main(checkpoints.open)
         console.print(f"importance: continuing from {resume_from}" if resume_from else
                       "importance: starting (no checkpoint of this recipe yet)", soft_wrap=True)
-    with run.stage("importance") as out:
+    with run.stage("importance", started=checkpoints.started) as out:
         for path in inputs:
             out.add_input(path)
         result = ranking.METHODS[section.method](
-            model, data, section, ranking.RankingRun(recipe.seed, recipe.device, checkpoints.folder, resume_from))
+            model, data, section, ranking.RankingRun(recipe.seed, recipe.device, checkpoints.folder, resume_from,
+                                                         checkpoints.started))
         heads, neurons = result.heads.float().contiguous(), result.neurons.float().contiguous()
         pruner = ThresholdPruner(model.config, heads, neurons, seq_len=section.seq_len)
         full = pruner.macs(pruner.subnet(0.0))

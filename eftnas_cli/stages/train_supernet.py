@@ -24,7 +24,6 @@ from eftnas_cli.recipe import Recipe
 from eftnas_cli.rundir import RunDir, holds_lock, write_json
 from eftnas_cli.supernet import Supernet
 from eftnas_cli.training import (
-    CheckpointEvery,
     DistillationTrainer,
     ResumableCheckpoints,
     RichProgress,
@@ -128,7 +127,7 @@ def train_supernet(recipe: Recipe, resume: bool = False) -> dict:
     supernet = Supernet.build(source, data.spec, importance, elastic.SearchSpace.load(space_file))
     teacher = load_model(teacher_dir, data.spec)
     probes = ProbeEvaluation(supernet, data, section.eval_batch_size)
-    with run.stage("train-supernet") as out:
+    with run.stage("train-supernet", started=checkpoints.started) as out:
         for path in inputs:
             out.add_input(path)
         trainer = SandwichTrainer(
@@ -139,7 +138,7 @@ def train_supernet(recipe: Recipe, resume: bool = False) -> dict:
             data_collator=data.collator,
             processing_class=tokenizer,
             callbacks=[RichProgress(f"super-network on {data.spec.name} (sandwich of {section.num_random_subnets + 2})"),
-                       probes, CheckpointEvery(section.checkpoint_minutes)],
+                       probes, checkpoints.every(section.checkpoint_minutes)],
             teacher=teacher,
             spec=data.spec,
             distillation_weight=section.distillation_weight,
