@@ -73,6 +73,10 @@ class TaskSection(Section):
         "subnets on them, the validation split is read once per final model; 0 = search on validation"))
 
 
+LrScheduler = Literal["linear", "cosine", "constant"]
+WARMUP_HELP = "fraction of the steps spent warming the lr up"
+
+
 class TrainingSection(Section):
     """What every training stage shares; Hugging Face Trainer settings underneath."""
 
@@ -82,9 +86,9 @@ class TrainingSection(Section):
     eval_batch_size: int = Field(64, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     weight_decay: float = Field(0.0, ge=0)
-    warmup: float = Field(0.1, ge=0, lt=1, description="fraction of the steps spent warming the lr up")
+    warmup: float = Field(0.1, ge=0, lt=1, description=WARMUP_HELP)
     max_steps: int | None = Field(None, ge=1, description="caps the steps (tests, smoke runs)")
-    lr_scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="learning-rate decay")
+    lr_scheduler: LrScheduler = Field("linear", description="learning-rate decay")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     group_by_length: bool = Field(True, json_schema_extra={"before_it_existed": False}, description=(
         "batch training rows of similar length together (the Trainer's group_by_length sampling): "
@@ -172,8 +176,8 @@ class SupernetSection(ResumableTrainingSection):
     # Cosine decay without warm-up, as the paper trains its super-networks: on MRPC search rows it
     # scored the best mean over the 0.5 and 0.35 budgets with the smallest spread over 3 seeds
     # (docs/benchmarks_supernet.md); the fine-tuned teacher it starts from needs no warm-up.
-    lr_scheduler: Literal["linear", "cosine", "constant"] = Field("cosine", description="learning-rate decay")
-    warmup: float = Field(0.0, ge=0, lt=1, description="fraction of the steps spent warming the lr up")
+    lr_scheduler: LrScheduler = Field("cosine", description="learning-rate decay")
+    warmup: float = Field(0.0, ge=0, lt=1, description=WARMUP_HELP)
     start_from: Literal["teacher", "pretrained"] = "teacher"
     num_random_subnets: int = Field(1, ge=0, description="random subnets per step between largest and smallest")
     distillation_weight: float = Field(0.9, ge=0, le=1, description="KD share of the loss; rest is hard labels")
