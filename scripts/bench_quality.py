@@ -2,8 +2,8 @@
 
 Per task, one teacher is fine-tuned (run `<task>-teacher`) and shared; each seed then varies
 everything after it: the eftnas pipeline through `search` (run `<task>-s<seed>`, the recipe's
-settings, default configs/quickstart.yaml) and four baselines cut to the same budgets (fractions of
-the dense encoder's MACs):
+settings, default configs/quickstart.yaml, with the search space reaching down to the smallest
+budget) and four baselines cut to the same budgets (fractions of the dense encoder's MACs):
 
   (a) pruned, no retraining   the teacher reordered by the run's importance and pruned by one
                               importance threshold (gen-space's pruner) to the budget
@@ -235,9 +235,11 @@ def measure(context: SeedContext, method: str, budget: float) -> dict:
 # ---- one task ----------------------------------------------------------------------------------
 def task_overrides(task: str, args: argparse.Namespace) -> list[str]:
     samples = args.train_samples.get(task, DEFAULT_TRAIN_SAMPLES.get(task))
-    budgets = json.dumps(sorted({*args.budgets, *args.extra_budgets}, reverse=True))
-    return [f"task.name={task}", f"output_dir={args.run_root}", f"search.budgets={budgets}",
-            f"task.max_train_samples={'null' if samples is None else samples}", *args.overrides]
+    budgets = sorted({*args.budgets, *args.extra_budgets}, reverse=True)
+    # The space reaches down to the smallest budget, so that eftnas has a subnet at every one.
+    return [f"task.name={task}", f"output_dir={args.run_root}", f"search.budgets={json.dumps(budgets)}",
+            f"space.cmin={min(budgets)}", f"task.max_train_samples={'null' if samples is None else samples}",
+            *args.overrides]
 
 
 def cell_plan(args: argparse.Namespace) -> list[tuple[str, float]]:
