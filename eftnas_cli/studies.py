@@ -95,6 +95,15 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         return None
 
 
+def _write_ahead_log(storage: RDBStorage) -> None:
+    """Puts an SQLite study file in write-ahead-log mode (kept in the file, for every process that
+    opens it). A trial commits some 30 times; in SQLite's default rollback journal each commit
+    waits for the disk (15 ms here, 40 s of an 80-trial search), in WAL mode 0.25 ms. Committed
+    writes stay visible to every later read, which the claims rely on, and survive a killed process."""
+    with storage.engine.connect() as connection:
+        connection.exec_driver_sql("PRAGMA journal_mode=WAL")
+
+
 def open_storage(url: str) -> BaseStorage:
     """The storage at `url` (see the module doc), with heartbeats; a URL that cannot be used is a
     one-line `UserError` naming it (without its password)."""
@@ -111,7 +120,10 @@ def open_storage(url: str) -> BaseStorage:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since Optuna 2.9
-                return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+                storage = RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+            if url.startswith("sqlite"):
+                _write_ahead_log(storage)
+            return storage
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as error:
             if attempt == 3:
                 raise UserError(f"--storage {shown_url(url)}: cannot set up Optuna's tables ({_first_line(error)})") from None

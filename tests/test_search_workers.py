@@ -8,6 +8,7 @@ import os
 import pwd
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,13 @@ def complete_trial(number: int, heads: int) -> optuna.trial.FrozenTrial:
 
 def key(heads: int) -> str:
     return studies.subnet_key({"layer0.heads": heads})
+
+
+def test_a_sqlite_study_file_keeps_a_write_ahead_log(tmp_path):
+    url = studies.default_storage_url(tmp_path)
+    studies.open_storage(url)
+    with sqlite3.connect(tmp_path / "studies" / "search.db") as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 def test_claim_rule():
