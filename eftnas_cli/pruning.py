@@ -86,13 +86,18 @@ class ThresholdPruner:
                 high = middle
         return best[0], best[1], best_macs
 
-    def within(self, target: float) -> elastic.Subnet:
-        """The subnet of the lowest threshold whose MACs do not exceed `target` (a ceiling, where
-        `fit` may land just above it)."""
+    def fit_within(self, target: float) -> tuple[float, elastic.Subnet, int]:
+        """(threshold, subnet, MACs) of the lowest threshold whose MACs do not exceed `target` (a
+        ceiling, where `fit` may land just above it)."""
         threshold, subnet, cost = self.fit(target)
-        if cost <= target:
-            return subnet
-        return self.subnet(bisect(lambda t: self.macs(self.subnet(t)) <= target, threshold, 1.0))
+        if cost > target:
+            threshold = bisect(lambda t: self.macs(self.subnet(t)) <= target, threshold, 1.0)
+            subnet = self.subnet(threshold)
+            cost = self.macs(subnet)
+        return threshold, subnet, cost
+
+    def within(self, target: float) -> elastic.Subnet:
+        return self.fit_within(target)[1]
 
 
 def uniform_subnet(config, fits: Callable[[elastic.Subnet], bool]) -> elastic.Subnet:

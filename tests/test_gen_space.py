@@ -20,7 +20,7 @@ def scores(seed=0):
     return (torch.rand(6, 12, generator=generator) * decay, torch.rand(6, 1536, generator=generator) * decay)
 
 
-def test_every_target_is_hit_within_tolerance():
+def test_every_target_is_hit_within_tolerance_from_below():
     heads, neurons = scores()
     section = SpaceSection(num_targets=5, cmin=0.3, tolerance=0.02)
     space = build_space(CONFIG, heads, neurons, section)
@@ -29,7 +29,8 @@ def test_every_target_is_hit_within_tolerance():
     targets = [t["target_macs"] for t in space.targets]
     np.testing.assert_allclose(sorted(targets), np.linspace(0.3 * full, full, 5), atol=1)
     for target in space.targets:
-        assert abs(target["macs"] - target["target_macs"]) <= 0.02 * target["target_macs"]
+        # A ceiling: a search budget equal to a target (cmin, say) has that target's subnet.
+        assert (1 - 0.02) * target["target_macs"] <= target["macs"] <= target["target_macs"]
         assert target["macs"] == elastic.macs(CONFIG, elastic.Subnet.from_dict(target["subnet"])).encoder
 
 
