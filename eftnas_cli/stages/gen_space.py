@@ -1,8 +1,9 @@
 """Stage `gen-space`: the search space, generated from importance (EFTNAS's generator).
 
 For N MACs targets evenly spaced between cmin and cmax, bisect one importance threshold until the
-units above it (heads and neurons, all layers at once) cost the target's MACs, never more (a
-search budget equal to a target, cmin say, has that target's subnet). Each layer's widths
+units above it (heads and neurons, all layers at once) cost the target's MACs, not more where
+the model's units allow it within `tolerance` (a search budget equal to a target, cmin say, then
+has that target's subnet). Each layer's widths
 at all targets, merged, are its elastic choices; a sub-block kept below `discard_fraction` of its
 width is dropped to 0 (a layer with neither heads nor neurons is skipped: elastic depth).
 """
@@ -49,8 +50,13 @@ def build_space(config, heads: torch.Tensor, neurons: torch.Tensor, section: Spa
     targets = np.linspace(cmin, cmax, section.num_targets) if section.num_targets > 1 else np.array([cmax])
     records, subnets = [], []
     for target in targets[::-1]:
-        # A ceiling: the space's smallest subnet fits a budget equal to cmin.
-        threshold, subnet, cost = pruner.fit_within(float(target))
+        # A ceiling where one is within tolerance (the space's smallest subnet then fits a budget
+        # equal to cmin); a model too coarse for that gets the closest subnet.
+        threshold, subnet, cost = pruner.fit(float(target))
+        if cost > target:
+            below = pruner.fit_within(float(target))
+            if (target - below[2]) / target <= section.tolerance:
+                threshold, subnet, cost = below
         error = (cost - target) / target
         if abs(error) > section.tolerance:
             raise UserError(
