@@ -86,18 +86,19 @@ class ThresholdPruner:
                 high = middle
         return best[0], best[1], best_macs
 
-    def fit_within(self, target: float) -> tuple[float, elastic.Subnet, int]:
+    def below(self, target: float, fitted: tuple[float, elastic.Subnet, int]) -> tuple[float, elastic.Subnet, int]:
         """(threshold, subnet, MACs) of the lowest threshold whose MACs do not exceed `target` (a
-        ceiling, where `fit` may land just above it)."""
-        threshold, subnet, cost = self.fit(target)
-        if cost > target:
-            threshold = bisect(lambda t: self.macs(self.subnet(t)) <= target, threshold, 1.0)
-            subnet = self.subnet(threshold)
-            cost = self.macs(subnet)
-        return threshold, subnet, cost
+        ceiling), from `fitted`, `fit(target)`'s result, which may land just above it."""
+        threshold, _, cost = fitted
+        if cost <= target:
+            return fitted
+        threshold = bisect(lambda t: self.macs(self.subnet(t)) <= target, threshold, 1.0)
+        subnet = self.subnet(threshold)
+        return threshold, subnet, self.macs(subnet)
 
     def within(self, target: float) -> elastic.Subnet:
-        return self.fit_within(target)[1]
+        """The subnet of the lowest threshold whose MACs do not exceed `target`."""
+        return self.below(target, self.fit(target))[1]
 
 
 def uniform_subnet(config, fits: Callable[[elastic.Subnet], bool]) -> elastic.Subnet:

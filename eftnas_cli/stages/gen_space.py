@@ -52,11 +52,9 @@ def build_space(config, heads: torch.Tensor, neurons: torch.Tensor, section: Spa
     for target in targets[::-1]:
         # A ceiling where one is within tolerance (the space's smallest subnet then fits a budget
         # equal to cmin); a model too coarse for that gets the closest subnet.
-        threshold, subnet, cost = pruner.fit(float(target))
-        if cost > target:
-            below = pruner.fit_within(float(target))
-            if (target - below[2]) / target <= section.tolerance:
-                threshold, subnet, cost = below
+        closest = pruner.fit(float(target))
+        below = pruner.below(float(target), closest)
+        threshold, subnet, cost = below if (target - below[2]) / target <= section.tolerance else closest
         error = (cost - target) / target
         if abs(error) > section.tolerance:
             raise UserError(
