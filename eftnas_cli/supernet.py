@@ -62,6 +62,9 @@ class Supernet:
     def sample(self, generator: np.random.Generator) -> elastic.Subnet:
         return self.space.sample(generator)
 
+    def sample_spread(self, generator: np.random.Generator) -> elastic.Subnet:
+        return self.space.sample_spread(generator)
+
     def activate(self, subnet: elastic.Subnet) -> None:
         elastic.activate(self.model, subnet)
 

@@ -91,3 +91,23 @@ def test_unreachable_target_is_an_error():
 def test_scores_of_the_wrong_shape_are_an_error():
     with pytest.raises(UserError, match="do not fit the model"):
         space_pruner(CONFIG, torch.rand(6, 8), torch.rand(6, 1536), SpaceSection())
+
+
+def test_spread_samples_cover_the_low_end_of_the_space():
+    heads, neurons = scores()
+    space = build_space(CONFIG, heads, neurons, SpaceSection(num_targets=5, cmin=0.25))
+    ladder = sorted({space.min_macs, *(t["macs"] for t in space.targets), space.full_macs})
+    generator = np.random.default_rng(0)
+
+    def fractions(sample) -> np.ndarray:
+        return np.array([elastic.macs(CONFIG, sample(generator)).encoder for _ in range(400)]) / space.full_macs
+
+    spread, uniform = fractions(space.sample_spread), fractions(space.sample)
+    # The ladder's lowest rung (cmin to the next target) holds its share of the MACs range.
+    lowest = (ladder[1] - ladder[0]) / (ladder[-1] - ladder[0])
+    low_end = ladder[1] / space.full_macs
+    assert np.mean(spread <= low_end) > 0.6 * lowest > np.mean(uniform <= low_end)
+    assert spread.min() >= space.min_macs / space.full_macs
+    sampled = space.sample_spread(generator)
+    for layer, choice in zip(sampled.layers, space.choices):
+        assert layer.heads in choice["heads"] and layer.neurons in choice["neurons"]

@@ -5,6 +5,7 @@ import sys
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -61,7 +62,8 @@ def test_sandwich_is_largest_random_smallest(recipe_with_space):
     space = SearchSpace.load(recipe_with_space.run_dir / "space" / "search_space.json")
 
     # Just what step_subnets reads of the trainer.
-    trainer = SimpleNamespace(seed=0, state=SimpleNamespace(global_step=5), supernet=space, num_random_subnets=2)
+    trainer = SimpleNamespace(seed=0, state=SimpleNamespace(global_step=5), supernet=space, num_random_subnets=2,
+                              random_subnets="uniform")
     subnets = SandwichTrainer.step_subnets(trainer)
     assert len(subnets) == 4
     assert subnets[0] == space.largest() and subnets[-1] == space.smallest()
@@ -69,6 +71,11 @@ def test_sandwich_is_largest_random_smallest(recipe_with_space):
         for layer, choice in zip(subnet.layers, space.choices):
             assert layer.heads in choice["heads"] and layer.neurons in choice["neurons"]
     assert SandwichTrainer.step_subnets(trainer) == subnets  # seeded by the step: resumable
+    generator = np.random.default_rng([0, 5])
+    assert subnets[1:-1] == [space.sample(generator) for _ in range(2)]
+    trainer.random_subnets = "spread"
+    generator = np.random.default_rng([0, 5])
+    assert SandwichTrainer.step_subnets(trainer)[1:-1] == [space.sample_spread(generator) for _ in range(2)]
 
 
 def test_distillation_loss_of_each_task_kind():

@@ -49,14 +49,15 @@ class SandwichTrainer(DistillationTrainer):
     backward passes before the last run under `no_sync` and only accumulate locally.
     """
 
-    def __init__(self, *args, supernet: Supernet, num_random_subnets: int, seed: int, **kwargs):
+    def __init__(self, *args, supernet: Supernet, num_random_subnets: int, random_subnets: str, seed: int, **kwargs):
         super().__init__(*args, **kwargs)
-        self.supernet, self.num_random_subnets, self.seed = supernet, num_random_subnets, seed
+        self.supernet, self.num_random_subnets, self.random_subnets, self.seed = supernet, num_random_subnets, random_subnets, seed
 
     def step_subnets(self) -> list[elastic.Subnet]:
         # Seeded by the step, so a resumed run samples the same subnets as an uninterrupted one.
         generator = np.random.default_rng([self.seed, self.state.global_step])
-        randoms = [self.supernet.sample(generator) for _ in range(self.num_random_subnets)]
+        sample = self.supernet.sample_spread if self.random_subnets == "spread" else self.supernet.sample
+        randoms = [sample(generator) for _ in range(self.num_random_subnets)]
         return [self.supernet.largest(), *randoms, self.supernet.smallest()]
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -146,6 +147,7 @@ def train_supernet(recipe: Recipe, resume: bool = False) -> dict:
             hidden_weight=section.hidden_distillation_weight,
             supernet=supernet,
             num_random_subnets=section.num_random_subnets,
+            random_subnets=section.random_subnets,
             seed=recipe.seed,
         )
         trainer.train(resume_from_checkpoint=last_checkpoint)
