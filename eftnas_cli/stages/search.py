@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import optuna
 
 from eftnas_cli import artifacts, elastic, studies
@@ -42,6 +43,10 @@ from eftnas_cli.workers import run_workers
 BY = "search"
 # Proposals per distinct subnet at most (per worker), before a search that keeps re-proposing seen subnets ends.
 MAX_PROPOSALS_PER_TRIAL = 10
+# Draws of spread-out random subnets per slot of the first generation, before the rest is left to NSGA-II.
+DRAWS_PER_SLOT = 50
+# gen-space's targets may land this much above a budget (space.tolerance's default).
+TARGET_TOLERANCE = 1.02
 # A trial's user attributes besides its measures: which worker measured it; which trial a repeat copied.
 WORKER_ATTR = "worker"
 REPEAT_ATTR = "repeat_of"
@@ -198,6 +203,25 @@ def _write_trials_csv(records: list[dict], objectives: list[Objective], full_mac
             ])
 
 
+def first_generation(supernet: Supernet, section: SearchSection, seed: int) -> list[elastic.Subnet]:
+    """The subnets the study starts from, up to one population: gen-space's targets within the
+    largest budget, then random subnets spread over the MACs range below it
+    (`SearchSpace.sample_spread`). NSGA-II's own first generation draws each width uniformly,
+    which piles subnets near the middle of the range, and its children stay near their parents:
+    on MRPC no one of 80 subnets lay between 25% and 35% of the MACs, and the 0.35 budget got
+    the space's smallest subnet."""
+    cap = max(section.budgets) * supernet.full_macs * TARGET_TOLERANCE
+    chosen = [subnet for macs, subnet in supernet.space.target_subnets() if macs <= cap]
+    generator = np.random.default_rng(seed)
+    for _ in range(DRAWS_PER_SLOT * section.population):
+        if len(chosen) >= section.population:
+            break
+        subnet = supernet.sample_spread(generator)
+        if supernet.macs(subnet) <= cap and subnet not in chosen:
+            chosen.append(subnet)
+    return chosen
+
+
 @dataclass
 class Searcher:
     """What every worker of a search loads (the super-network, the search rows, the objectives),
@@ -252,11 +276,8 @@ class Searcher:
         study.sampler = optuna.samplers.NSGAIISampler(population_size=section.population,
                                                       seed=None if shared else self.recipe.seed)
         if not study.trials:
-            # Seed the first generation with the boundary subnets gen-space found within the budgets.
-            full_macs = self.supernet.full_macs
-            for macs, subnet in self.supernet.space.target_subnets():
-                if macs <= max(section.budgets) * full_macs * 1.02:
-                    study.enqueue_trial(self.supernet.space.params_of(subnet))
+            for subnet in first_generation(self.supernet, section, self.recipe.seed):
+                study.enqueue_trial(self.supernet.space.params_of(subnet))
         return study
 
     @staticmethod
