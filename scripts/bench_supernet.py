@@ -5,7 +5,9 @@ Every variant is the recipe (default configs/quickstart.yaml) plus a few overrid
 (`<run-root>/<task>-<variant>-s<seed>`), all sharing one fine-tuned teacher. A variant is scored by
 the search's best subnet per budget on the search rows (held out of the train split: no stage
 trains on them, and the validation split is never read here), mean ± sd over seeds, with the
-super-network's training wall time beside it. Finished runs are kept, so a re-run only does what is
+super-network's training wall time beside it. A second table reads each super-network without the
+search's selection noise: the mean score of a fixed panel of random subnets in each budget's MACs
+band (the same subnets for every variant of a seed, whose spaces are identical). Finished runs are kept, so a re-run only does what is
 missing (the bench can be spread over several sittings). Writes a markdown report and its JSON.
 
     python scripts/bench_supernet.py [--task mrpc] [--seeds 0 1] [--variants ...] [--budgets 0.5 0.35]
@@ -16,22 +18,29 @@ missing (the bench can be spread over several sittings). Writes a markdown repor
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
 
 import _bench_common as common
+import numpy as np
 
 from eftnas_cli import artifacts
-from eftnas_cli.models import best_device
+from eftnas_cli.data import recipe_task_data
+from eftnas_cli.models import best_device, load_tokenizer
 from eftnas_cli.recipe import load_recipe
 from eftnas_cli.rundir import RunDir, write_json
 from eftnas_cli.stages.pipeline import run_pipeline
+from eftnas_cli.supernet import Supernet
 from eftnas_cli.ui import console
 
 DEFAULT_RECIPE = common.REPO_ROOT / "configs" / "quickstart.yaml"
 DEFAULT_OUT = Path("docs/benchmarks_supernet.md")
 BY = "bench_supernet.py"
+PANEL_SIZE = 8  # random subnets per budget band
+PANEL_SEED = 1234
+PANEL_FILE = "bench_panel.json"  # in the run directory, kept while its super-network is unchanged
 
 # Variant name -> recipe overrides (on top of the recipe and the command line's).
 VARIANTS = {
@@ -41,6 +50,7 @@ VARIANTS = {
     "cosine": ["supernet.lr_scheduler=cosine", "supernet.warmup=0"],
     "lr-3e-5": ["supernet.learning_rate=3.0e-5"],
     "random-2": ["supernet.num_random_subnets=2"],
+    "spread": ["supernet.random_subnets=spread"],
     "epochs-x2": [],  # filled in from the recipe's epochs
 }
 
@@ -59,6 +69,38 @@ def teacher_run(args) -> str:
     return artifacts.teacher_folder(recipe, RunDir(recipe), by=BY)
 
 
+def budget_bands(budgets: list[float]) -> list[tuple[float, float]]:
+    """(next smaller budget, budget] for every budget; the smallest reaches down to 0."""
+    ascending = sorted(budgets)
+    return list(zip([0.0, *ascending[:-1]], ascending))
+
+
+def panel_scores(recipe, run: RunDir, budgets: list[float]) -> dict[str, float | None]:
+    """Mean search-row score of PANEL_SIZE random subnets (`sample_spread`, a fixed seed) in each
+    budget's MACs band; None where the space has no subnet in a band."""
+    supernet_record = run.record("train-supernet")["outputs"]
+    cache = run.path / PANEL_FILE
+    if cache.is_file():
+        kept = json.loads(cache.read_text())
+        if kept["supernet"] == supernet_record and kept["budgets"] == budgets and kept["size"] == PANEL_SIZE:
+            return kept["scores"]
+    data = recipe_task_data(recipe, load_tokenizer(recipe.model.name))
+    supernet = Supernet.load(run, data.spec, by=BY).to(best_device(recipe.device))
+    generator, full, scores = np.random.default_rng(PANEL_SEED), supernet.full_macs, {}
+    for low, high in budget_bands(budgets):
+        panel = []
+        for _ in range(200 * PANEL_SIZE):
+            subnet = supernet.sample_spread(generator)
+            if low * full < supernet.macs(subnet) <= high * full and subnet not in panel:
+                panel.append(subnet)
+            if len(panel) == PANEL_SIZE:
+                break
+        values = [supernet.evaluate(subnet, data.search, data)["score"] for subnet in panel]
+        scores[f"{high:g}"] = statistics.mean(values) if values else None
+    write_json(cache, {"supernet": supernet_record, "budgets": budgets, "size": PANEL_SIZE, "scores": scores})
+    return scores
+
+
 def run_variant(args, variant: str, seed: int, teacher: str) -> dict:
     base = load_recipe(args.recipe, args.overrides)
     overrides = [f"task.name={args.task}", f"name={args.task}-{variant}-s{seed}", f"output_dir={args.run_root}",
@@ -74,6 +116,7 @@ def run_variant(args, variant: str, seed: int, teacher: str) -> dict:
         "variant": variant, "seed": seed, "overrides": variant_overrides(variant, base.supernet.epochs),
         "search_rows": pareto.eval_rows, "teacher_score": pareto.teacher["score"],
         "best": {f"{b:g}": (pareto.best(b) or {}).get("score") for b in args.budgets},
+        "panel": panel_scores(recipe, run, args.budgets),
         "supernet_wall_s": walls.get("train-supernet"), "search_wall_s": walls.get("search"),
     }
 
@@ -99,6 +142,11 @@ def render(results: list[dict], args, header: dict) -> str:
     teacher = mean_sd([r["teacher_score"] for r in results])
     table = common.markdown_table(["variant", "overrides", "seeds", *(f"best @ {b} (search rows)" for b in budgets),
                                    "super-network wall time"], rows, align="llr" + "r" * len(budgets) + "r")
+    lower = {f"{high:g}": f"{low:g}" for low, high in budget_bands(args.budgets)}
+    panel_rows = [[variant, *(mean_sd([c["panel"][b] for c in cells]) for b in budgets)]
+                  for variant in args.variants if (cells := [r for r in results if r["variant"] == variant])]
+    panel = common.markdown_table(["variant", *(f"panel in ({lower[b]}, {b}] of the MACs" for b in budgets)], panel_rows,
+                                  align="l" + "r" * len(budgets))
     return "\n".join([
         f"# Super-network ablation ({args.task.upper()})",
         "",
@@ -109,6 +157,11 @@ def render(results: list[dict], args, header: dict) -> str:
         "is not read: these figures choose the defaults, `docs/benchmarks.md` reports the chosen ones.",
         "",
         table,
+        "",
+        f"Mean score of a fixed panel of {PANEL_SIZE} random subnets (`sample_spread`) per MACs band, on the same "
+        "search rows, mean ± sd over seeds: the super-network's quality in each band without the search's choice.",
+        "",
+        panel,
     ]) + "\n"
 
 
