@@ -133,6 +133,15 @@ def load_context(recipe: Recipe, device: torch.device, polish_epochs: float) -> 
 # ---- cells -------------------------------------------------------------------------------------
 # Bump when a method's code changes what it measures: cells of another version are measured again.
 CELL_VERSION = 2
+# Bump when the search's code changes which subnet it returns (3: its first generation spread over
+# the MACs range); cells of the methods that read the search's choice are measured again.
+SEARCH_VERSION = 3
+READ_THE_SEARCH = ("eftnas", "eftnas+polish")
+# What only the super-network's sandwich and the search read: the teacher and the baselines that
+# cut one fixed subnet ((a), (b), (d)) leave these settings out of their fingerprints, so trying
+# another sandwich or search keeps their cells.
+READ_THE_SUPERNET = ("eftnas", "eftnas+polish", "c")
+SANDWICH_KEYS = ("num_random_subnets", "random_subnets")
 
 
 class CellStore:
@@ -161,13 +170,20 @@ def fingerprint(recipe: Recipe, teacher_recipe: Recipe, method: str, budget: flo
     """What decides a cell: every setting of the seed's run and of the shared teacher (paths and
     run names aside), the method, the budget and the code version."""
 
-    def settings(r: Recipe) -> dict:
+    def settings(r: Recipe, reads_the_supernet: bool = True) -> dict:
         dumped = r.model_dump(mode="json", exclude={"name", "output_dir"})
         dumped["model"].pop("teacher", None)
+        if not reads_the_supernet:
+            del dumped["search"]
+            for key in SANDWICH_KEYS:
+                del dumped["supernet"][key]
         return dumped
 
-    decided = {"version": CELL_VERSION, "method": method, "budget": budget, "run": settings(recipe),
-               "teacher": settings(teacher_recipe), "polish_epochs": polish_epochs if method == "eftnas+polish" else None}
+    decided = {"version": CELL_VERSION, "method": method, "budget": budget,
+               "run": settings(recipe, method in READ_THE_SUPERNET), "teacher": settings(teacher_recipe),
+               "polish_epochs": polish_epochs if method == "eftnas+polish" else None}
+    if method in READ_THE_SEARCH:
+        decided["search_version"] = SEARCH_VERSION
     return hashlib.sha256(json.dumps(decided, sort_keys=True).encode()).hexdigest()
 
 

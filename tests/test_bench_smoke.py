@@ -134,3 +134,26 @@ def test_bench_ranking_smoke():
     assert {"teacher (dense)", "taylor", "movement", "magnitude", "random"} <= rankings
     assert {row[1] for row in curve[1:]} == {"-", "global", "uniform"}
     assert "default by the search-row curve:" in result.stderr
+
+
+def test_cell_fingerprints_follow_what_each_method_reads(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import bench_quality
+
+    from eftnas_cli.recipe import load_recipe
+
+    def recipe(*overrides):
+        return load_recipe(REPO_ROOT / "configs" / "quickstart.yaml", list(overrides))
+
+    base = recipe()
+
+    def fingerprint(changed, method):
+        return bench_quality.fingerprint(changed, base, method, 0.5, 1.0)
+
+    sandwich, search, kd = recipe("supernet.random_subnets=spread"), recipe("search.trials=40"), recipe("supernet.epochs=3")
+    for method in ("a", "b", "d"):  # one fixed subnet each: the sandwich and the search do not touch them
+        assert fingerprint(sandwich, method) == fingerprint(search, method) == fingerprint(base, method)
+    assert fingerprint(kd, "b") != fingerprint(base, "b")  # (b) trains with the super-network's settings
+    for method in ("eftnas", "eftnas+polish", "c"):
+        assert fingerprint(sandwich, method) != fingerprint(base, method)
+    assert fingerprint(search, "eftnas") != fingerprint(base, "eftnas")
