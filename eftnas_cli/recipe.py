@@ -203,6 +203,9 @@ class SearchSection(Section):
     trials: int = Field(200, ge=1, validate_default=True)
     budgets: list[float] = Field(default_factory=lambda: [0.5, 0.35], description="MACs fractions of the full model")
     max_eval_samples: int | None = Field(None, ge=1, description="search rows per trial (task.search_fraction); null = all")
+    refine: float = Field(0.5, ge=0, lt=1, description=(
+        "share of the trials spent, after NSGA-II, climbing from each budget's best subnet to its "
+        "neighbours within the budget (split evenly among the budgets; 0 = NSGA-II only)"))
     latency: bool = Field(False, description="measure latency on this machine as a third objective")
     latency_batch_size: int = Field(1, ge=1)
     latency_seq_len: int = Field(128, ge=1)

@@ -134,7 +134,7 @@ def load_context(recipe: Recipe, device: torch.device, polish_epochs: float) -> 
 # Bump when a method's code changes what it measures: cells of another version are measured again.
 CELL_VERSION = 2
 # Bump when the search's code changes which subnet it returns (3: its first generation spread over
-# the MACs range); cells of the methods that read the search's choice are measured again.
+# the MACs range, then a climb per budget); cells of the methods that read its choice are measured again.
 SEARCH_VERSION = 3
 READ_THE_SEARCH = ("eftnas", "eftnas+polish")
 # What only the super-network's sandwich and the search read: the teacher and the baselines that

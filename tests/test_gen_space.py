@@ -111,3 +111,15 @@ def test_spread_samples_cover_the_low_end_of_the_space():
     sampled = space.sample_spread(generator)
     for layer, choice in zip(sampled.layers, space.choices):
         assert layer.heads in choice["heads"] and layer.neurons in choice["neurons"]
+
+
+def test_neighbours_move_one_width_one_choice():
+    space = SearchSpace([{"heads": [4, 2], "neurons": [8, 4, 2]}, {"heads": [4], "neurons": [8, 2]}],
+                        full_macs=100, min_macs=10, seq_len=8, targets=[])
+    middle = elastic.Subnet((elastic.LayerWidth(4, 4), elastic.LayerWidth(4, 8)))
+    assert set(space.neighbours(middle)) == {
+        elastic.Subnet((elastic.LayerWidth(2, 4), elastic.LayerWidth(4, 8))),
+        elastic.Subnet((elastic.LayerWidth(4, 8), elastic.LayerWidth(4, 8))),
+        elastic.Subnet((elastic.LayerWidth(4, 2), elastic.LayerWidth(4, 8))),
+        elastic.Subnet((elastic.LayerWidth(4, 4), elastic.LayerWidth(4, 2))),
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,20 @@ class SearchSpace:
         return Subnet(tuple(LayerWidth(between(c["heads"], small.heads, large.heads),
                                        between(c["neurons"], small.neurons, large.neurons))
                             for c, small, large in zip(self.choices, low.layers, high.layers)))
+
+    def neighbours(self, subnet: Subnet) -> list[Subnet]:
+        """The subnets one choice away from `subnet` in one layer's heads or neurons."""
+        found = []
+        for index, (choice, width) in enumerate(zip(self.choices, subnet.layers)):
+            for unit in UNITS:
+                values = choice[unit]
+                at = values.index(getattr(width, unit))
+                for step in (-1, 1):
+                    if 0 <= at + step < len(values):
+                        layers = list(subnet.layers)
+                        layers[index] = dataclasses.replace(width, **{unit: values[at + step]})
+                        found.append(Subnet(tuple(layers)))
+        return found
 
     def _pick(self, choose) -> Subnet:
         return Subnet(tuple(LayerWidth(int(choose(c["heads"])), int(choose(c["neurons"]))) for c in self.choices))

@@ -43,6 +43,8 @@ from eftnas_cli.workers import run_workers
 BY = "search"
 # Proposals per distinct subnet at most (per worker), before a search that keeps re-proposing seen subnets ends.
 MAX_PROPOSALS_PER_TRIAL = 10
+# Neighbours measured per step of a climb, before it starts again from the best subnet so far.
+CLIMB_BATCH = 4
 # Draws of spread-out random subnets per slot of the first generation, before the rest is left to NSGA-II.
 DRAWS_PER_SLOT = 50
 # gen-space's targets may land this much above a budget (space.tolerance's default).
@@ -285,24 +287,77 @@ class Searcher:
         best = max((trial.values[0] for trial in state.complete.values()), default=float("nan"))
         return f"best {best:.4f}"
 
+    def phases(self) -> list[tuple[float | None, int]]:
+        """(budget, distinct subnets the study holds at the phase's end): NSGA-II's exploration
+        (budget None), then a climb per budget, smallest first, each `search.refine` × trials /
+        budgets long. NSGA-II keeps at least one generation more than its first; a study too small
+        for that only explores."""
+        section, wanted = self.recipe.search, self.wanted
+        budgets = sorted(section.budgets)
+        per_budget = min(int(section.refine * wanted), max(0, wanted - 2 * section.population)) // len(budgets)
+        explored = wanted - per_budget * len(budgets)
+        return [(None, explored), *((budget, explored + per_budget * (k + 1)) for k, budget in enumerate(budgets))] \
+            if per_budget else [(None, wanted)]
+
     def evaluate(self, study: optuna.Study, show: Callable[[studies.StudyState], None]) -> None:
-        """Propose and measure subnets until the study holds `wanted` distinct ones (whoever measured them)."""
+        """Propose and measure subnets until the study holds `wanted` distinct ones (whoever measured
+        them): NSGA-II first, then a climb around each budget's best subnet (`phases`)."""
         wanted = self.wanted
         objective = SubnetObjective(self.evaluator, self.objectives, max(self.recipe.search.budgets), wanted)
-
-        def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-            # A worker whose budget is all claimed by trials in progress waits for them instead of proposing.
-            state = studies.wait_for_budget(study, wanted, show)
-            show(state)
-            if state.done(wanted):
-                study.stop()
-
         state = studies.wait_for_budget(study, wanted, show)
         console.print(f"search: continuing the study, {len(state.complete)} of {wanted} subnets already evaluated"
                       if state.complete else f"search: starting a study of {wanted} subnets")
+        for budget, held in self.phases():
+            objective.wanted = held
+            if budget is None:
+                self._optimize(study, objective, held, show, MAX_PROPOSALS_PER_TRIAL * held)
+            else:
+                self._climb(study, objective, budget, held, show)
+        # A climb that ran out of neighbours left its trials unspent: NSGA-II spends them.
+        objective.wanted = wanted
+        self._optimize(study, objective, wanted, show, MAX_PROPOSALS_PER_TRIAL * wanted)
+
+    def _optimize(self, study: optuna.Study, objective: SubnetObjective, held: int,
+                  show: Callable[[studies.StudyState], None], proposals: int) -> None:
+        """Run trials (enqueued ones first, then NSGA-II's) until the study holds `held` subnets."""
+        def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            # A worker whose budget is all claimed by trials in progress waits for them instead of proposing.
+            state = studies.wait_for_budget(study, held, show)
+            show(state)
+            if state.done(held):
+                study.stop()
+
+        state = studies.wait_for_budget(study, held, show)
         show(state)
-        if not state.done(wanted):
-            study.optimize(objective, n_trials=MAX_PROPOSALS_PER_TRIAL * wanted, callbacks=[after_trial])
+        if not state.done(held):
+            study.optimize(objective, n_trials=proposals, callbacks=[after_trial])
+
+    def _climb(self, study: optuna.Study, objective: SubnetObjective, budget: float, held: int,
+               show: Callable[[studies.StudyState], None]) -> None:
+        """Measure unmeasured neighbours (`SearchSpace.neighbours`) within `budget` of the best
+        subnets within it, best first, a few at a time so each batch starts from the best so far,
+        until the study holds `held` subnets. NSGA-II's children mix parents from the whole front
+        and land mid-range: on MRPC it measured 6 of 80 subnets between 25% and 35% of the MACs."""
+        space, supernet = self.supernet.space, self.supernet
+        cap = budget * supernet.full_macs
+        generator = np.random.default_rng([self.recipe.seed, round(budget * 1e6)])
+        while not (state := studies.wait_for_budget(study, held, show)).done(held):
+            within = sorted((trial for trial in state.complete.values() if trial.user_attrs["macs"] <= cap),
+                            key=lambda trial: trial.values[0], reverse=True)
+            batch = []
+            for trial in within:
+                subnet = space.subnet_from_params(trial.params)
+                batch = [params for params in map(space.params_of, space.neighbours(subnet))
+                         if studies.subnet_key(params) not in state.claimed
+                         and supernet.macs(space.subnet_from_params(params)) <= cap]
+                if batch:
+                    break
+            if not batch:
+                return  # every subnet within the budget and next to a measured one is measured
+            order = generator.permutation(len(batch))[:min(CLIMB_BATCH, held - len(state.complete))]
+            for index in order:
+                study.enqueue_trial(batch[index])
+            self._optimize(study, objective, held, show, len(order))
 
     def teacher(self, study: optuna.Study) -> dict:
         """The teacher's record, measured by the first writer and kept in the study, so every
