@@ -347,10 +347,9 @@ class Searcher:
                             key=lambda trial: trial.values[0], reverse=True)
             batch = []
             for trial in within:
-                subnet = space.subnet_from_params(trial.params)
-                batch = [params for params in map(space.params_of, space.neighbours(subnet))
-                         if studies.subnet_key(params) not in state.claimed
-                         and supernet.macs(space.subnet_from_params(params)) <= cap]
+                fitting = [neighbour for neighbour in space.neighbours(space.subnet_from_params(trial.params))
+                           if supernet.macs(neighbour) <= cap]
+                batch = [params for params in map(space.params_of, fitting) if studies.subnet_key(params) not in state.claimed]
                 if batch:
                     break
             if not batch:
