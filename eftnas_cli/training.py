@@ -14,7 +14,7 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
 
 from eftnas_cli import distributed
 from eftnas_cli.data import TaskData
@@ -123,9 +123,15 @@ class CheckpointEvery(TrainerCallback, ExportableState):
         state.stateful_callbacks.setdefault(type(self).__name__, self.state())
 
     def on_step_end(self, args, state, control, **kwargs):
-        if distributed.broadcast(time.monotonic() - self.last >= self.seconds):
+        # An epoch's last step gets the epoch's own checkpoint right after: saving it here as well
+        # would rewrite a complete checkpoint in place, and a kill during the rewrite would leave a
+        # checkpoint whose trainer state reads as complete beside a truncated config or weights.
+        epoch_saves_next = args.save_strategy == SaveStrategy.EPOCH and float(state.epoch).is_integer()
+        if distributed.broadcast(time.monotonic() - self.last >= self.seconds and not epoch_saves_next):
             control.should_save = True
-            self.last = time.monotonic()
+
+    def on_save(self, args, state, control, **kwargs):
+        self.last = time.monotonic()  # any checkpoint, the epoch's too, restarts the interval
 
 
 class ResumableCheckpoints:

@@ -11,6 +11,7 @@ import optuna
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import Trainer
 
 from eftnas_cli.recipe import load_recipe
 from eftnas_cli.stages.finetune import finetune
@@ -48,6 +49,22 @@ def test_interrupted_finetune_continues_where_it_stopped(write_recipe, monkeypat
     # Resuming restores the optimizer, scheduler, data order and RNG: the same teacher up to float noise.
     for name, tensor in straight.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-5, msg=name)
+
+
+def test_each_step_is_checkpointed_once(write_recipe, monkeypatch):
+    """Saving an epoch's last step for the time and again for the epoch rewrote a complete checkpoint
+    in place: its trainer state read as complete while a kill left its config truncated."""
+    saved_at = []
+    save = Trainer._save_checkpoint
+
+    def recording_save(self, model, trial):
+        saved_at.append(self.state.global_step)
+        return save(self, model, trial)
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", recording_save)
+    finetune(load_recipe(write_recipe({"finetune.epochs": 2}), [EVERY_STEP]))
+    assert len(saved_at) > 4  # the run crosses an epoch's end (the tiny task has 4 steps an epoch)
+    assert saved_at == list(range(1, saved_at[-1] + 1))
 
 
 def test_a_resumed_stage_reports_the_wall_time_of_every_attempt(write_recipe, monkeypatch):
