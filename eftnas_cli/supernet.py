@@ -65,6 +65,19 @@ class Supernet:
     def sample_spread(self, generator: np.random.Generator) -> elastic.Subnet:
         return self.space.sample_spread(generator)
 
+    def spread_within(self, generator: np.random.Generator, low_macs: float, high_macs: float, count: int,
+                      draws: int, kept: list[elastic.Subnet] = ()) -> list[elastic.Subnet]:
+        """`kept`, then distinct `sample_spread` subnets with MACs in (`low_macs`, `high_macs`] until
+        `count` in all or `draws` draws are spent (a narrow band of a space may hold fewer)."""
+        subnets = list(kept)
+        for _ in range(draws):
+            if len(subnets) >= count:
+                break
+            subnet = self.sample_spread(generator)
+            if low_macs < self.macs(subnet) <= high_macs and subnet not in subnets:
+                subnets.append(subnet)
+        return subnets
+
     def activate(self, subnet: elastic.Subnet) -> None:
         elastic.activate(self.model, subnet)
 

@@ -88,13 +88,7 @@ def panel_scores(recipe, run: RunDir, budgets: list[float]) -> dict[str, float |
     supernet = Supernet.load(run, data.spec, by=BY).to(best_device(recipe.device))
     generator, full, scores = np.random.default_rng(PANEL_SEED), supernet.full_macs, {}
     for low, high in budget_bands(budgets):
-        panel = []
-        for _ in range(200 * PANEL_SIZE):
-            subnet = supernet.sample_spread(generator)
-            if low * full < supernet.macs(subnet) <= high * full and subnet not in panel:
-                panel.append(subnet)
-            if len(panel) == PANEL_SIZE:
-                break
+        panel = supernet.spread_within(generator, low * full, high * full, PANEL_SIZE, 200 * PANEL_SIZE)
         values = [supernet.evaluate(subnet, data.search, data)["score"] for subnet in panel]
         scores[f"{high:g}"] = statistics.mean(values) if values else None
     write_json(cache, {"supernet": supernet_record, "budgets": budgets, "size": PANEL_SIZE, "scores": scores})

@@ -123,19 +123,18 @@ def test_export_refuses_a_subnet_file_name_that_is_no_folder_name(searched_run, 
 
 def test_the_first_generation_spreads_below_the_largest_budget():
     import torch
-    from transformers import BertConfig
+    from transformers import BertConfig, BertForSequenceClassification
 
-    from eftnas_cli import elastic
     from eftnas_cli.recipe import SpaceSection
     from eftnas_cli.stages.gen_space import build_space
     from eftnas_cli.stages.search import first_generation
+    from eftnas_cli.supernet import Supernet
 
     config = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
     generator = torch.Generator().manual_seed(0)
     space = build_space(config, torch.rand(6, 12, generator=generator), torch.rand(6, 1536, generator=generator),
                         SpaceSection(num_targets=5, cmin=0.25))
-    supernet = SimpleNamespace(space=space, full_macs=space.full_macs, sample_spread=space.sample_spread,
-                               macs=lambda subnet: elastic.macs(config, subnet, space.seq_len).encoder)
+    supernet = Supernet(BertForSequenceClassification(config), space)
     chosen = first_generation(supernet, SearchSection(population=16, trials=16, budgets=[0.7, 0.35]), seed=0)
     assert len(chosen) == 16 == len(set(chosen))
     fractions = sorted(supernet.macs(subnet) / space.full_macs for subnet in chosen)

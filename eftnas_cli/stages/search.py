@@ -213,15 +213,9 @@ def first_generation(supernet: Supernet, section: SearchSection, seed: int) -> l
     on MRPC none of 80 subnets lay between 25% and 35% of the MACs, and the 0.35 budget got
     the space's smallest subnet."""
     cap = max(section.budgets) * supernet.full_macs * TARGET_TOLERANCE
-    chosen = [subnet for macs, subnet in supernet.space.target_subnets() if macs <= cap]
-    generator = np.random.default_rng(seed)
-    for _ in range(DRAWS_PER_SLOT * section.population):
-        if len(chosen) >= section.population:
-            break
-        subnet = supernet.sample_spread(generator)
-        if supernet.macs(subnet) <= cap and subnet not in chosen:
-            chosen.append(subnet)
-    return chosen
+    targets = [subnet for macs, subnet in supernet.space.target_subnets() if macs <= cap]
+    return supernet.spread_within(np.random.default_rng(seed), 0, cap, section.population,
+                                  DRAWS_PER_SLOT * section.population, kept=targets)
 
 
 @dataclass
