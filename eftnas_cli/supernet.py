@@ -7,6 +7,7 @@ all of them activate, cost, evaluate and extract subnets through it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,7 @@ class Supernet:
         return self.space.sample_spread(generator)
 
     def spread_within(self, generator: np.random.Generator, low_macs: float, high_macs: float, count: int,
-                      draws: int, kept: list[elastic.Subnet] = ()) -> list[elastic.Subnet]:
+                      draws: int, kept: Sequence[elastic.Subnet] = ()) -> list[elastic.Subnet]:
         """`kept`, then distinct `sample_spread` subnets with MACs in (`low_macs`, `high_macs`] until
         `count` in all or `draws` draws are spent (a narrow band of a space may hold fewer)."""
         subnets = list(kept)
