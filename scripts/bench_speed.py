@@ -11,11 +11,12 @@ targets, and writes them with the command, date, machine and versions to --out (
 JSON beside it).
 
     python scripts/bench_speed.py [--run runs/quickstart] [--budgets 0.5 0.35] [--batch-sizes 1 32]
-        [--seq-len 128] [--runs 30] [--device cpu|cuda] [--out docs/benchmarks_speed.md] [--smoke]
+        [--seq-len 128] [--runs 30] [--device cpu|cuda] [--torch-only] [--out docs/benchmarks_speed.md] [--smoke]
 
 `--device cuda` runs the torch models (and the training steps) on the GPU; ONNX Runtime and
-OpenVINO always run on the CPU. Torch keeps its default thread count. `--smoke` runs the tiny
-pipeline in a temporary folder and benches it with 2 runs, in well under a minute.
+OpenVINO always run on the CPU (`--torch-only` leaves them out). Torch keeps its default thread
+count. `--smoke` runs the tiny pipeline in a temporary folder and benches it with 2 runs, in well
+under a minute.
 """
 
 from __future__ import annotations
@@ -243,7 +244,7 @@ def target_checks(results: dict) -> list[common.TargetCheck]:
             checks.append(common.TargetCheck(
                 f"{model['label']}, batch {batch_size}", f"torch >= {TORCH_SPEEDUP_TARGET:g}x faster than dense",
                 f"{speedup:.2f}x", speedup >= TORCH_SPEEDUP_TARGET))
-        for model in subnets:
+        for model in subnets if any(b.startswith("openvino") for b in results["backends"]) else []:
             openvino = {results["backends"][b]: model["latency_ms"][latency_key(b, batch_size)]
                         for b in results["backends"] if b.startswith("openvino")}
             fastest = min(openvino, key=openvino.get)
@@ -304,6 +305,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="untimed inferences before each latency")
     parser.add_argument("--train-steps", type=int, default=None, help="timed training steps (default 10, 2 with --smoke)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the torch models run")
+    parser.add_argument("--torch-only", action="store_true",
+                        help="torch alone: no ONNX Runtime or OpenVINO files or figures (a GPU machine, say)")
     parser.add_argument("--out", type=Path, default=None, help=f"markdown report (default {DEFAULT_OUT})")
     parser.add_argument("--smoke", action="store_true", help="bench the tiny pipeline, run in a temporary folder")
     args = parser.parse_args(argv)
@@ -338,13 +341,16 @@ def bench(args: argparse.Namespace) -> dict:
     # after it runs (quantization included) and slow a torch measurement taken right after.
     console.print(f"torch latency of {len(timed)} models, interleaved: {len(args.batch_sizes)} batch size(s)")
     report = comparison.measure(["torch"])
-    teacher_model = loaded[models[0][0]][2]
-    calibration = Calibration(recipe, model_input_names(teacher_model), teacher_model.config.vocab_size)
-    for label, (folder, _, model) in loaded.items():
-        timed[label].files = deploy_files(model, folder, run.path / CACHE_FOLDER, calibration)
-    console.print(f"ONNX Runtime and OpenVINO latency: {len(args.batch_sizes)} batch size(s) x 4 backends")
-    report.merge(comparison.measure([b for b in BACKEND_NAMES if b != "torch"]))
-    default_precision = openvino_default_precision(timed[models[0][0]].files["openvino"])
+    backends = {"torch": f"torch fp32 ({args.device})"}
+    if not args.torch_only:
+        teacher_model = loaded[models[0][0]][2]
+        calibration = Calibration(recipe, model_input_names(teacher_model), teacher_model.config.vocab_size)
+        for label, (folder, _, model) in loaded.items():
+            timed[label].files = deploy_files(model, folder, run.path / CACHE_FOLDER, calibration)
+        console.print(f"ONNX Runtime and OpenVINO latency: {len(args.batch_sizes)} batch size(s) x 4 backends")
+        report.merge(comparison.measure([b for b in BACKEND_NAMES if b != "torch"]))
+        default_precision = openvino_default_precision(timed[models[0][0]].files["openvino"])
+        backends = {**BACKEND_NAMES, "openvino_default": f"OpenVINO default ({default_precision})", **backends}
     measured = [{"label": label, "folder": str(folder), "budget": budget, "macs_ratio": timed[label].macs_ratio,
                  "latency_ms": report.median_ms[label], "latency_spread": report.spread[label],
                  "latency_flags": report.flags.get(label, [])}
@@ -357,8 +363,7 @@ def bench(args: argparse.Namespace) -> dict:
         }),
         "seq_len": args.seq_len, "runs": args.runs, "warmup": args.warmup, "train_steps": args.train_steps,
         "batch_sizes": args.batch_sizes,
-        "backends": {**BACKEND_NAMES, "openvino_default": f"OpenVINO default ({default_precision})",
-                     "torch": f"torch fp32 ({args.device})"},
+        "backends": backends,
         "models": measured,
         "training_step": training_steps(run, spec, args),
     }

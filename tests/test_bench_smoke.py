@@ -103,6 +103,7 @@ def test_bench_speed_smoke(tmp_path):
     out = tmp_path / "speed.md"
     result = run_script("bench_speed.py", "--smoke", "--out", out)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "ONNX Runtime and OpenVINO latency" in result.stdout + result.stderr
 
     table = table_with_header(result.stdout, "model")
     assert table[0] == ["model", "MACs ratio", "backend", "b1 ms", "b1 speed-up", "b32 ms", "b32 speed-up"]
@@ -118,6 +119,15 @@ def test_bench_speed_smoke(tmp_path):
     # OpenVINO at both batch sizes, the n/a torch check (no budget <= 0.5), the training step
     check_targets(result.stdout, expected_rows=4)
     assert out.read_text() in result.stdout and out.with_suffix(".json").is_file()
+
+
+def test_bench_speed_torch_only_builds_no_deploy_files(tmp_path):
+    result = run_script("bench_speed.py", "--smoke", "--torch-only", "--out", tmp_path / "speed.md")
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = table_with_header(result.stdout, "model")
+    assert [(row[0], row[2]) for row in table[1:]] == [("dense (teacher)", "torch fp32 (cpu)"), ("budget 0.6", "torch fp32 (cpu)")]
+    assert "ONNX Runtime and OpenVINO latency" not in result.stdout + result.stderr
+    check_targets(result.stdout, expected_rows=2)  # the n/a torch check and the training step
 
 
 def test_bench_speed_without_a_run_says_what_to_do(tmp_path):
