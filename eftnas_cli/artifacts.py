@@ -15,6 +15,7 @@ locator takes `by`, the name of whoever asks, so that a missing or changed upstr
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,17 +97,33 @@ def budget_key(budget: float) -> str:
     return f"{budget:g}"
 
 
-def best_within_budget(trials: list[dict], budget: float, full_macs: int) -> dict | None:
-    """The trial of highest score whose MACs fit `budget` × `full_macs` (fewer MACs break ties)."""
+def score_standard_error(score: float, rows: int) -> float:
+    """The binomial standard error of a score measured on `rows` rows, sqrt(s(1 - s) / n): exact for
+    accuracy, of the right size for the other metrics in [0, 1] (F1, exact match)."""
+    return math.sqrt(max(score * (1 - score), 0.0) / rows)
+
+
+def choose_within_budget(trials: list[dict], budget: float, full_macs: int, eval_rows: int,
+                         tie_standard_errors: float) -> dict | None:
+    """The search's choice for `budget`: among the trials whose MACs fit `budget` × `full_macs`,
+    the one of most MACs whose score lies within `tie_standard_errors` standard errors of the best
+    score among them (`score_standard_error` on the `eval_rows` search rows). Scores closer than that
+    are not told apart by the rows; the larger subnet keeps more capacity (docs/benchmarks_search.md)."""
     within = [t for t in trials if t["macs"] <= budget * full_macs]
-    return max(within, key=lambda t: (t["score"], -t["macs"])) if within else None
+    if not within:
+        return None
+    best = max(t["score"] for t in within)
+    margin = tie_standard_errors * score_standard_error(best, eval_rows)
+    return max((t for t in within if t["score"] >= best - margin), key=lambda t: (t["macs"], t["score"]))
 
 
 @dataclass(frozen=True)
 class ParetoRecord:
-    """`search/pareto.json`: the teacher, the front and the best subnet per budget."""
+    """`search/pareto.json` (the teacher, the front and the choice per budget) and the trials it was
+    chosen from (`search/trials.json`)."""
 
     data: dict
+    trials: list[dict]
 
     @property
     def full_macs(self) -> int:
@@ -126,16 +143,19 @@ class ParetoRecord:
 
     def best(self, budget: float) -> dict | None:
         """The search's choice for `budget`; a budget the search was not asked for gets the same
-        rule applied to the front (the best within any budget always lies on it)."""
+        rule (`choose_within_budget`) applied to the trials."""
         recorded = self.data["best_per_budget"]
         key = budget_key(budget)
         if key in recorded:
             return recorded[key]
-        return best_within_budget(self.front, budget, self.full_macs)
+        # A pareto.json written before the key chose the best score.
+        tie_standard_errors = self.data.get("tie_standard_errors", 0.0)
+        return choose_within_budget(self.trials, budget, self.full_macs, self.eval_rows, tie_standard_errors)
 
 
 def load_pareto(run: RunDir, *, by: str) -> ParetoRecord:
-    return ParetoRecord(json.loads((run.require("search", by=by) / PARETO_FILE).read_text()))
+    folder = run.require("search", by=by)
+    return ParetoRecord(json.loads((folder / PARETO_FILE).read_text()), json.loads((folder / TRIALS_FILE).read_text()))
 
 
 def load_trials(run: RunDir, *, by: str) -> list[dict]:

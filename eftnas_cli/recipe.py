@@ -206,6 +206,9 @@ class SearchSection(Section):
     refine: float = Field(0.5, ge=0, lt=1, description=(
         "share of the trials spent, after NSGA-II, climbing from each budget's best subnet to its "
         "neighbours within the budget (split evenly among the budgets; 0 = NSGA-II only)"))
+    tie_standard_errors: float = Field(0.5, ge=0, json_schema_extra={"before_it_existed": 0.0}, description=(
+        "each budget's choice: the subnet of most MACs among those scoring within this many standard "
+        "errors of the best score within the budget (0 = the best score, ties to more MACs)"))
     latency: bool = Field(False, description="measure latency on this machine as a third objective")
     latency_batch_size: int = Field(1, ge=1)
     latency_seq_len: int = Field(128, ge=1)

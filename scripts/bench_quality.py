@@ -16,8 +16,8 @@ budget) and four baselines cut to the same budgets (fractions of the dense encod
 
 and eftnas + polish: eftnas's subnet fine-tuned --polish-epochs with KD (`export.finetune_epochs`).
 
-eftnas is the search's best subnet per budget, chosen on the search rows (held out of the train
-split); every model is evaluated once on the task's validation split. (b), (d) and the polish train
+eftnas is the search's choice per budget (`search.tie_standard_errors`), made on the search rows
+(held out of the train split); every model is evaluated once on the task's validation split. (b), (d) and the polish train
 per budget, so they run at --budgets only; eftnas, (a) and (c) need no extra training and run at
 --extra-budgets too. Each finished (task, seed, method, budget) cell is kept in
 `docs/benchmarks_quality_cells.json` (beside the report, committed with it), so the bench can be
@@ -134,14 +134,18 @@ def load_context(recipe: Recipe, device: torch.device, polish_epochs: float) -> 
 # Bump when a method's code changes what it measures: cells of another version are measured again.
 CELL_VERSION = 2
 # Bump when the search's code changes which subnet it returns (3: its first generation spread over
-# the MACs range, then a climb per budget); cells of the methods that read its choice are measured again.
-SEARCH_VERSION = 3
+# the MACs range, then a climb per budget; 4: each budget's choice among near-tied subnets,
+# `search.tie_standard_errors`); cells of the methods that read its choice are measured again.
+SEARCH_VERSION = 4
 READ_THE_SEARCH = ("eftnas", "eftnas+polish")
 # What only the super-network's sandwich and the search read: the teacher and the baselines that
 # cut one fixed subnet ((a), (b), (d)) leave these settings out of their fingerprints, so trying
 # another sandwich or search keeps their cells.
 READ_THE_SUPERNET = ("eftnas", "eftnas+polish", "c")
 SANDWICH_KEYS = ("num_random_subnets", "random_subnets")
+# How the search's result is read, not what it measures: only the cells that read its choice see it
+# (the choice moves no super-network and no trial, so (c) keeps its cells).
+CHOICE_KEYS = ("tie_standard_errors",)
 
 
 class CellStore:
@@ -173,6 +177,8 @@ def fingerprint(recipe: Recipe, teacher_recipe: Recipe, method: str, budget: flo
     def settings(r: Recipe, reads_the_supernet: bool = True) -> dict:
         dumped = r.model_dump(mode="json", exclude={"name", "output_dir"})
         dumped["model"].pop("teacher", None)
+        for key in CHOICE_KEYS:
+            dumped["search"].pop(key)
         if not reads_the_supernet:
             del dumped["search"]
             for key in SANDWICH_KEYS:
@@ -184,6 +190,7 @@ def fingerprint(recipe: Recipe, teacher_recipe: Recipe, method: str, budget: flo
                "polish_epochs": polish_epochs if method == "eftnas+polish" else None}
     if method in READ_THE_SEARCH:
         decided["search_version"] = SEARCH_VERSION
+        decided["choice"] = {key: getattr(recipe.search, key) for key in CHOICE_KEYS}
     return hashlib.sha256(json.dumps(decided, sort_keys=True).encode()).hexdigest()
 
 

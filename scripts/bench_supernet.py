@@ -3,7 +3,7 @@
 Every variant is the recipe (default configs/quickstart.yaml) plus a few overrides of the
 `supernet` section; each runs the pipeline through `search` in its own run directory
 (`<run-root>/<task>-<variant>-s<seed>`), all sharing one fine-tuned teacher. A variant is scored by
-the search's best subnet per budget on the search rows (held out of the train split: no stage
+the search's choice per budget on the search rows (held out of the train split: no stage
 trains on them, and the validation split is never read here), mean ± sd over seeds, with the
 super-network's training wall time beside it. A second table reads each super-network without the
 search's selection noise: the mean score of a fixed panel of random subnets in each budget's MACs

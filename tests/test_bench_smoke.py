@@ -167,3 +167,8 @@ def test_cell_fingerprints_follow_what_each_method_reads(monkeypatch):
     for method in ("eftnas", "eftnas+polish", "c"):
         assert fingerprint(sandwich, method) != fingerprint(base, method)
     assert fingerprint(search, "eftnas") != fingerprint(base, "eftnas")
+    choice = recipe("search.tie_standard_errors=0")  # how the result is read: only eftnas's cells change
+    for method in ("a", "b", "c", "d", "teacher"):
+        assert fingerprint(choice, method) == fingerprint(base, method)
+    for method in ("eftnas", "eftnas+polish"):
+        assert fingerprint(choice, method) != fingerprint(base, method)

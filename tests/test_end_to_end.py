@@ -79,9 +79,12 @@ def test_search_outputs_are_consistent(finished_run):
     pareto = json.loads((run_dir / "search" / "pareto.json").read_text())
     trials = json.loads((run_dir / "search" / "trials.json").read_text())
     assert len(trials) >= 1 and pareto["front"]
-    best = pareto["best_per_budget"]["0.6"]
-    assert best["macs"] <= 0.6 * pareto["full_macs"]
-    assert best["score"] == max(t["score"] for t in trials if t["macs"] <= 0.6 * pareto["full_macs"])
+    chosen = pareto["best_per_budget"]["0.6"]
+    within = [t for t in trials if t["macs"] <= 0.6 * pareto["full_macs"]]
+    best = max(t["score"] for t in within)
+    margin = pareto["tie_standard_errors"] * (best * (1 - best) / pareto["eval_rows"]) ** 0.5
+    near_tied = [t for t in within if t["score"] >= best - margin]
+    assert chosen in near_tied and chosen["macs"] == max(t["macs"] for t in near_tied)
 
 
 def test_export_of_a_subnet_file_and_profile(finished_run, tmp_path):

@@ -193,6 +193,31 @@ def test_search_killed_with_sigkill_continues_its_study(write_recipe):
     assert (recipe.run_dir / "search" / "pareto.json").is_file()
 
 
+def test_a_search_continuing_a_done_study_records_the_study_s_measuring_time(write_recipe, monkeypatch):
+    """Another choice rule re-reads the measured study: the stage's wall time is still the search's work."""
+    from eftnas_cli.stages.search import SubnetEvaluator, search
+
+    path = write_recipe({"search.population": 4, "search.trials": 8})
+    run_pipeline(load_recipe(path), until="train-supernet")
+    measure = SubnetEvaluator.task_metrics
+
+    def slow_measure(self, subnet):
+        if subnet not in self.metrics:
+            time.sleep(0.25)
+        return measure(self, subnet)
+
+    monkeypatch.setattr(SubnetEvaluator, "task_metrics", slow_measure)
+    search(load_recipe(path))
+    monkeypatch.undo()
+    recipe = load_recipe(path, ["search.tie_standard_errors=0"])
+    started = time.perf_counter()
+    search(recipe)
+    last_attempt = time.perf_counter() - started
+    record = json.loads((recipe.run_dir / "manifest.json").read_text())["stages"]["search"]
+    assert record["recipe"]["tie_standard_errors"] == 0
+    assert 8 * 0.25 <= record["wall_time_s"] <= 8 * 0.25 + 2 + last_attempt  # the 8 slowed subnets, and little else
+
+
 def test_a_checkpoint_cut_short_by_a_kill_is_skipped_and_removed(write_recipe, tmp_path):
     from eftnas_cli.training import ResumableCheckpoints
 

@@ -1,4 +1,4 @@
-"""Unit tests of the search's objective table, Pareto front and best-per-budget record, and of
+"""Unit tests of the search's objective table, Pareto front and choice per budget, and of
 export's choice of subnets from that record."""
 
 import json
@@ -49,23 +49,32 @@ def test_pareto_front_is_n_dimensional():
     assert not dominates(dominated, dominated, WITH_LATENCY)
 
 
-def test_best_per_budget_takes_the_best_score_within_each_budget():
+def test_each_budget_chooses_the_largest_subnet_scoring_within_the_margin():
     full = int(2e9)
-    records = [record(0, 0.80, 1.9), record(1, 0.75, 1.0), record(2, 0.75, 0.9), record(3, 0.60, 0.5)]
-    best = best_per_budget(records, [1.0, 0.5, 0.3, 0.1], full)
+    records = [record(0, 0.80, 1.9), record(1, 0.75, 0.8), record(2, 0.75, 0.9), record(3, 0.73, 1.0),
+               record(4, 0.60, 0.5)]
+    best = best_per_budget(records, [1.0, 0.5, 0.3, 0.1], full, eval_rows=400, tie_standard_errors=0.0)
     assert best["1"]["trial"] == 0
-    assert best["0.5"]["trial"] == 2  # a tie in score goes to fewer MACs
-    assert best["0.3"]["trial"] == 3
+    assert best["0.5"]["trial"] == 2  # a tie in score goes to more MACs
+    assert best["0.3"]["trial"] == 4
     assert best["0.1"] is None
+    # One standard error of 0.75 on 400 rows is 0.0217: 0.73 is within it, 0.60 is not.
+    assert artifacts.score_standard_error(0.75, 400) == pytest.approx(0.02165, abs=1e-5)
+    within_one = best_per_budget(records, [0.5, 0.45], full, eval_rows=400, tie_standard_errors=1.0)
+    assert within_one["0.5"]["trial"] == 3 and within_one["0.45"]["trial"] == 2
+    # On 4,000 rows the standard error is 0.0068: 0.73 is told apart from 0.75.
+    assert best_per_budget(records, [0.5], full, eval_rows=4000, tie_standard_errors=1.0)["0.5"]["trial"] == 2
 
 
-def test_pareto_record_reads_the_search_choice_and_applies_it_to_other_budgets():
-    front = [record(3, 0.60, 0.5), record(2, 0.75, 0.9), record(0, 0.80, 1.9)]
+def test_pareto_record_reads_the_search_choice_and_applies_its_rule_to_other_budgets():
+    trials = [record(3, 0.60, 0.5), record(2, 0.75, 0.9), record(5, 0.74, 1.0), record(0, 0.80, 1.9)]
     recorded = {"0.5": record(2, 0.75, 0.9)}
-    pareto = artifacts.ParetoRecord({"full_macs": int(2e9), "front": front, "best_per_budget": recorded,
-                                     "eval_rows": 10, "teacher": {}})
+    data = {"full_macs": int(2e9), "front": [trials[0], trials[1], trials[3]], "best_per_budget": recorded,
+            "eval_rows": 100, "teacher": {}, "tie_standard_errors": 1.0}
+    pareto = artifacts.ParetoRecord(data, trials)
     assert pareto.best(0.5)["trial"] == 2
-    assert pareto.best(0.3)["trial"] == 3  # not searched for: the same rule on the front
+    assert pareto.best(0.3)["trial"] == 3  # not searched for: the same rule on the trials
+    assert pareto.best(0.6)["trial"] == 5  # 0.74 is within one standard error of 0.75 on 100 rows
     assert pareto.best(0.1) is None
 
 

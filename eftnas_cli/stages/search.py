@@ -8,7 +8,7 @@ one — continues it; `--storage` (PostgreSQL, a journal file) lets workers on s
 share one study, and `--workers N` starts N local workers. Workers claim each subnet in the study
 before measuring it, so none is measured twice and the budget of trials counts for the whole
 study. Outputs, written from the study's content alone by a worker that finds the study done:
-every trial (`trials.csv`, `trials.json`), the Pareto front and the best subnet per MACs budget
+every trial (`trials.csv`, `trials.json`), the Pareto front and the subnet chosen per MACs budget
 (`pareto.json`, which export and the benchmarks read), and `pareto.png`.
 """
 
@@ -167,9 +167,11 @@ def pareto_front(records: list[dict], objectives: list[Objective]) -> list[dict]
     return [r for r in records if not any(dominates(other, r, objectives) for other in records)]
 
 
-def best_per_budget(records: list[dict], budgets: list[float], full_macs: int) -> dict[str, dict | None]:
-    """For each budget, the trial of highest score within it: the choice export and reports read."""
-    return {artifacts.budget_key(b): artifacts.best_within_budget(records, b, full_macs) for b in budgets}
+def best_per_budget(records: list[dict], budgets: list[float], full_macs: int, eval_rows: int,
+                    tie_standard_errors: float) -> dict[str, dict | None]:
+    """For each budget, the choice export and reports read (`artifacts.choose_within_budget`)."""
+    return {artifacts.budget_key(b): artifacts.choose_within_budget(records, b, full_macs, eval_rows, tie_standard_errors)
+            for b in budgets}
 
 
 def trial_records(study: optuna.Study, objectives: list[Objective]) -> list[dict]:
@@ -216,6 +218,17 @@ def first_generation(supernet: Supernet, section: SearchSection, seed: int) -> l
     targets = [subnet for macs, subnet in supernet.space.target_subnets() if macs <= cap]
     return supernet.spread_within(np.random.default_rng(seed), 0, cap, section.population,
                                   DRAWS_PER_SLOT * section.population, kept=targets)
+
+
+def earlier_measuring_s(study: optuna.Study) -> float:
+    """The wall time the study's complete trials took to measure, so that a search continuing a study
+    (after a kill, or with another `search.tie_standard_errors`) records the work of every attempt:
+    per worker, the sum of its trials' durations; workers measure side by side, so the longest."""
+    per_worker: dict[str | None, float] = {}
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        worker = trial.user_attrs.get(WORKER_ATTR)
+        per_worker[worker] = per_worker.get(worker, 0.0) + (trial.datetime_complete - trial.datetime_start).total_seconds()
+    return max(per_worker.values(), default=0.0)
 
 
 @dataclass
@@ -387,7 +400,9 @@ class Searcher:
                 "full_macs": full_macs,
                 "teacher": teacher,
                 "front": sorted(front, key=lambda t: t["macs"]),
-                "best_per_budget": best_per_budget(records, section.budgets, full_macs),
+                "tie_standard_errors": section.tie_standard_errors,
+                "best_per_budget": best_per_budget(records, section.budgets, full_macs, len(self.evaluator.rows),
+                                                   section.tie_standard_errors),
             }
             if self._written_already(records, result):
                 console.print(f"search: {run.stage_dir('search')} already holds this study's result")
@@ -429,6 +444,7 @@ def search(recipe: Recipe, storage: str | None = None, workers: int = 1) -> dict
     searcher = Searcher.load(recipe)
     storage_url = storage or studies.default_storage_url(searcher.run.path)
     study = searcher.open_study(storage_url, shared=storage is not None or workers > 1)
+    started -= earlier_measuring_s(study)
     if workers > 1 and studies.StudyState.read(study).done(searcher.wanted):
         console.print("search: the study holds its budget of trials already; no worker started")
     elif workers == 1:
@@ -460,7 +476,8 @@ def _print_best(result: dict) -> None:
     from rich.table import Table
 
     teacher = result["teacher"]
-    table = Table(title=f"best subnet per budget ({result['metric']}, teacher {teacher['score']:.4f} at {teacher['gmacs']:.3f} GMACs)")
+    table = Table(title=f"chosen subnet per budget ({result['metric']}, teacher {teacher['score']:.4f} at "
+                        f"{teacher['gmacs']:.3f} GMACs)")
     for column in ("budget", "trial", "score", "% teacher", "GMACs", "MACs ratio", "widths (heads/neurons)"):
         table.add_column(column)
     for budget, best in result["best_per_budget"].items():
