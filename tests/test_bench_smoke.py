@@ -172,3 +172,19 @@ def test_cell_fingerprints_follow_what_each_method_reads(monkeypatch):
         assert fingerprint(choice, method) == fingerprint(base, method)
     for method in ("eftnas", "eftnas+polish"):
         assert fingerprint(choice, method) != fingerprint(base, method)
+
+
+def test_bench_choice_cross_validation_prefers_more_macs_only_among_near_ties(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import bench_choice
+
+    full = 1000
+    labels = [1] * 200
+    good = [1] * 160 + [0] * 40
+    trials = [{"trial": 0, "macs": 400, "score": 0.8}, {"trial": 1, "macs": 480, "score": 0.8},  # the same rows right
+              {"trial": 2, "macs": 500, "score": 0.5}]  # far worse
+    rows = {"labels": labels, "predictions": [good, good, [1] * 100 + [0] * 100]}
+    result = bench_choice.cross_validate(trials, rows, full, [0.5, 0.45], [0, 0.5], splits=20, seed=0)
+    for k in ("0", "0.5"):
+        assert result["0.5"][k] == {"gain": 0.0, "macs_ratio": 0.48}  # the tie goes to more MACs, never to trial 2
+        assert result["0.45"][k] == {"gain": 0.0, "macs_ratio": 0.4}
