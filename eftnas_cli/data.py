@@ -21,6 +21,14 @@ TRAIN_SPLIT = "train"
 SEARCH_ROWS_SEED = 0
 
 
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def load_raw(task: str, data_dir: str | Path | None) -> datasets.DatasetDict:
     """The train split and the task's eval splits, unprocessed, with the hub's columns and features.
 
@@ -51,7 +59,10 @@ def load_raw(task: str, data_dir: str | Path | None) -> datasets.DatasetDict:
         # One file at a time: a file whose columns differ from the others' must be named.
         try:
             rows = pyarrow.parquet.ParquetFile(path).metadata.num_rows
-            raw[split] = datasets.load_dataset("parquet", data_files={split: path})[split] if rows else None
+            # Fingerprinted by content: datasets' own fingerprint of a local file follows its modification
+            # time, and a copied or re-extracted data folder would then start every cache and search study anew.
+            raw[split] = datasets.load_dataset("parquet", data_files={split: path})[split].select(
+                range(rows), new_fingerprint=file_sha256(path)) if rows else None
         except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as error:
             raise DataError(f"{path}: not a readable parquet file ({type(error).__name__})") from None
         if not rows:

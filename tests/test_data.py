@@ -130,6 +130,22 @@ def test_missing_data_dir_names_the_path(tmp_path):
     assert str(tmp_path / "mrpc" / "validation.parquet") in str(missing_file.value)
 
 
+def test_a_local_split_is_fingerprinted_by_its_content(tmp_path):
+    """A copied or re-extracted data folder (new modification times) keeps every cache and study."""
+    import os
+    import shutil
+
+    data_dir = make_tiny_glue_dir(tmp_path / "glue", "mrpc")
+    before = load_raw("mrpc", data_dir)["train"]._fingerprint
+    path = data_dir / "mrpc" / "train.parquet"
+    os.utime(path, (1e9, 1e9))
+    shutil.copytree(data_dir, tmp_path / "copy")
+    assert load_raw("mrpc", data_dir)["train"]._fingerprint == before
+    assert load_raw("mrpc", tmp_path / "copy")["train"]._fingerprint == before
+    other = make_tiny_glue_dir(tmp_path / "other", "mrpc", n_train=41)
+    assert load_raw("mrpc", other)["train"]._fingerprint != before
+
+
 def test_synthetic_glue_dir_round_trips(tmp_path, tiny_tokenizer):
     data_dir = make_tiny_glue_dir(tmp_path / "glue", "mrpc", n_train=40, n_eval=16)
     assert load_raw("mrpc", data_dir)["train"].features["label"].names == ["not_equivalent", "equivalent"]
