@@ -162,8 +162,8 @@ def bench_run(path: Path, args) -> dict:
 
 
 def mean_sd(values: list[float], digits: int = 2) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):+.{digits}f} ± {sd:.{digits}f}"
+    mean = f"{statistics.fmean(values):+.{digits}f}"
+    return f"{mean} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else mean
 
 
 def render(results: list[dict], args, provenance: dict) -> str:
@@ -172,10 +172,13 @@ def render(results: list[dict], args, provenance: dict) -> str:
              *common.provenance_lines(provenance), "",
              "Split-half cross-validation on the search rows: each rule chooses on a random half and is scored on "
              f"the other ({args.splits} splits per run). Gain: points of the task's score over the best-score rule's "
-             "choice (fewer MACs breaking ties), mean ± sd over runs; in brackets the mean MACs ratio chosen.", ""]
+             "choice (fewer MACs breaking ties), mean ± sd over runs (the `all budgets` row: over runs × budgets); in "
+             "brackets the mean MACs ratio chosen. The chosen default's validation figures, read once per final model "
+             "after it was set, are in docs/benchmarks.md.", ""]
     for task in sorted({r["task"] for r in results}):
         runs = [r for r in results if r["task"] == task]
-        lines += [f"## {task}: {len(runs)} runs, {runs[0]['search_rows']} search rows, {runs[0]['trials']} trials", ""]
+        lines += [f"## {task}: {len(runs)} run{'s' * (len(runs) > 1)} (seed {', '.join(str(r['seed']) for r in runs)}), "
+                  f"{runs[0]['search_rows']} search rows, {runs[0]['trials']} trials", ""]
         rows, overall = [], {k: [] for k in ks}
         for budget in [artifacts.budget_key(b) for b in args.budgets]:
             cells = []
