@@ -107,8 +107,9 @@ def choose_within_budget(trials: list[dict], budget: float, full_macs: int, eval
                          tie_standard_errors: float) -> dict | None:
     """The search's choice for `budget`: among the trials whose MACs fit `budget` × `full_macs`,
     the one of most MACs whose score lies within `tie_standard_errors` standard errors of the best
-    score among them (`score_standard_error` on the `eval_rows` search rows). Scores closer than that
-    are not told apart by the rows; the larger subnet keeps more capacity (docs/benchmarks_search.md)."""
+    score among them (`score_standard_error` on the `eval_rows` search rows): the rows do not tell
+    scores that close apart, and on held-out halves of the search rows the larger of such subnets
+    scored higher (docs/benchmarks_choice.md)."""
     within = [t for t in trials if t["macs"] <= budget * full_macs]
     if not within:
         return None

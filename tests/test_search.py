@@ -11,7 +11,7 @@ from eftnas_cli.elastic import LayerWidth, SearchSpace, Subnet
 from eftnas_cli.errors import UserError
 from eftnas_cli.recipe import SearchSection
 from eftnas_cli.stages.export import choose_subnets
-from eftnas_cli.stages.search import OBJECTIVES, best_per_budget, dominates, objectives_for, pareto_front
+from eftnas_cli.stages.search import OBJECTIVES, choose_per_budget, dominates, objectives_for, pareto_front
 
 SCORE_MACS = [o for o in OBJECTIVES if o.name in ("score", "gmacs")]
 WITH_LATENCY = [o for o in OBJECTIVES if o.name in ("score", "gmacs", "latency_ms")]
@@ -53,17 +53,17 @@ def test_each_budget_chooses_the_largest_subnet_scoring_within_the_margin():
     full = int(2e9)
     records = [record(0, 0.80, 1.9), record(1, 0.75, 0.8), record(2, 0.75, 0.9), record(3, 0.73, 1.0),
                record(4, 0.60, 0.5)]
-    best = best_per_budget(records, [1.0, 0.5, 0.3, 0.1], full, eval_rows=400, tie_standard_errors=0.0)
+    best = choose_per_budget(records, [1.0, 0.5, 0.3, 0.1], full, eval_rows=400, tie_standard_errors=0.0)
     assert best["1"]["trial"] == 0
     assert best["0.5"]["trial"] == 2  # a tie in score goes to more MACs
     assert best["0.3"]["trial"] == 4
     assert best["0.1"] is None
     # One standard error of 0.75 on 400 rows is 0.0217: 0.73 is within it, 0.60 is not.
     assert artifacts.score_standard_error(0.75, 400) == pytest.approx(0.02165, abs=1e-5)
-    within_one = best_per_budget(records, [0.5, 0.45], full, eval_rows=400, tie_standard_errors=1.0)
+    within_one = choose_per_budget(records, [0.5, 0.45], full, eval_rows=400, tie_standard_errors=1.0)
     assert within_one["0.5"]["trial"] == 3 and within_one["0.45"]["trial"] == 2
     # On 4,000 rows the standard error is 0.0068: 0.73 is told apart from 0.75.
-    assert best_per_budget(records, [0.5], full, eval_rows=4000, tie_standard_errors=1.0)["0.5"]["trial"] == 2
+    assert choose_per_budget(records, [0.5], full, eval_rows=4000, tie_standard_errors=1.0)["0.5"]["trial"] == 2
 
 
 def test_pareto_record_reads_the_search_choice_and_applies_its_rule_to_other_budgets():

@@ -167,7 +167,7 @@ def pareto_front(records: list[dict], objectives: list[Objective]) -> list[dict]
     return [r for r in records if not any(dominates(other, r, objectives) for other in records)]
 
 
-def best_per_budget(records: list[dict], budgets: list[float], full_macs: int, eval_rows: int,
+def choose_per_budget(records: list[dict], budgets: list[float], full_macs: int, eval_rows: int,
                     tie_standard_errors: float) -> dict[str, dict | None]:
     """For each budget, the choice export and reports read (`artifacts.choose_within_budget`)."""
     return {artifacts.budget_key(b): artifacts.choose_within_budget(records, b, full_macs, eval_rows, tie_standard_errors)
@@ -401,7 +401,8 @@ class Searcher:
                 "teacher": teacher,
                 "front": sorted(front, key=lambda t: t["macs"]),
                 "tie_standard_errors": section.tie_standard_errors,
-                "best_per_budget": best_per_budget(records, section.budgets, full_macs, len(self.evaluator.rows),
+                # Each budget's choice; the key keeps its name, which earlier runs' readers know.
+                "best_per_budget": choose_per_budget(records, section.budgets, full_macs, len(self.evaluator.rows),
                                                    section.tie_standard_errors),
             }
             if self._written_already(records, result):
