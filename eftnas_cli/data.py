@@ -13,20 +13,13 @@ import pyarrow.parquet
 from transformers import PreTrainedTokenizerBase
 
 from eftnas_cli.errors import DataError
+from eftnas_cli.rundir import sha256
 from eftnas_cli.tasks import Preprocessing, QAEvalSplit, Task, get_task
 
 TRAIN_SPLIT = "train"
 # The search rows are drawn with this seed, not the recipe's: runs of several seeds share one teacher,
 # which must not have trained on any seed's search rows.
 SEARCH_ROWS_SEED = 0
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def load_raw(task: str, data_dir: str | Path | None) -> datasets.DatasetDict:
@@ -62,7 +55,7 @@ def load_raw(task: str, data_dir: str | Path | None) -> datasets.DatasetDict:
             # Fingerprinted by content: datasets' own fingerprint of a local file follows its modification
             # time, and a copied or re-extracted data folder would then start every cache and search study anew.
             raw[split] = datasets.load_dataset("parquet", data_files={split: path})[split].select(
-                range(rows), new_fingerprint=file_sha256(path)) if rows else None
+                range(rows), new_fingerprint=sha256(Path(path))[:16]) if rows else None
         except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as error:
             raise DataError(f"{path}: not a readable parquet file ({type(error).__name__})") from None
         if not rows:

@@ -168,7 +168,7 @@ def pareto_front(records: list[dict], objectives: list[Objective]) -> list[dict]
 
 
 def choose_per_budget(records: list[dict], budgets: list[float], full_macs: int, eval_rows: int,
-                    tie_standard_errors: float) -> dict[str, dict | None]:
+                      tie_standard_errors: float) -> dict[str, dict | None]:
     """For each budget, the choice export and reports read (`artifacts.choose_within_budget`)."""
     return {artifacts.budget_key(b): artifacts.choose_within_budget(records, b, full_macs, eval_rows, tie_standard_errors)
             for b in budgets}
