@@ -10,13 +10,17 @@ import pytest
 import torch
 import yaml
 
+from eftnas_cli.data import recipe_task_data
 from eftnas_cli.elastic import SearchSpace
 from eftnas_cli.errors import UserError
+from eftnas_cli.models import load_tokenizer
 from eftnas_cli.recipe import load_recipe
+from eftnas_cli.stages import train_supernet as train_supernet_stage
 from eftnas_cli.stages.finetune import finetune
 from eftnas_cli.stages.gen_space import generate_space
 from eftnas_cli.stages.importance import compute_importance
 from eftnas_cli.stages.train_supernet import SandwichTrainer, train_supernet
+from eftnas_cli.supernet import Supernet
 from eftnas_cli.tasks import get_task
 from eftnas_cli.testing import crash_at_step, record_resumes, write_tiny_recipe
 from eftnas_cli.training import distillation_loss
@@ -51,6 +55,26 @@ def test_interrupted_training_resumes_from_its_checkpoint(recipe_with_space, mon
     assert metrics["probe_gmacs"]["smallest"] < metrics["probe_gmacs"]["largest"]
     assert (recipe.run_dir / "supernet" / "model" / "model.safetensors").is_file()
     assert not (recipe.run_dir / "checkpoints").exists()
+
+
+def test_probes_read_probe_rows_once_per_epoch(recipe_with_space, monkeypatch):
+    """Each probe reads the first PROBE_ROWS search rows, and the end of training reuses the last
+    epoch's probes instead of evaluating them again."""
+    monkeypatch.setattr(train_supernet_stage, "PROBE_ROWS", 3)
+    rows_read = []
+    evaluate = Supernet.evaluate
+
+    def counted(self, subnet, rows, data, batch_size=64):
+        rows_read.append(len(rows))
+        return evaluate(self, subnet, rows, data, batch_size)
+
+    monkeypatch.setattr(Supernet, "evaluate", counted)
+    metrics = train_supernet(recipe_with_space)
+    search_rows = len(recipe_task_data(recipe_with_space, load_tokenizer(recipe_with_space.model.name)).search)
+    assert search_rows > 3
+    assert rows_read == [3] * 3 * len(metrics["history"])
+    assert {name: result["score"] for name, result in metrics["final"].items()} == {
+        name: score for name, score in metrics["history"][-1].items() if name != "epoch"}
 
 
 def test_resume_without_checkpoint_is_a_user_error(recipe_with_space):

@@ -81,21 +81,36 @@ class SandwichTrainer(DistillationTrainer):
         return total
 
 
+# Rows of the search split each probe reads: the probes show how training goes (one standard error
+# of an accuracy is about 1.5 points on 1,000 rows), they choose nothing. Reading all of SST-2's
+# 6,735 search rows cost a quarter of its super-network's training time.
+PROBE_ROWS = 1000
+
+
 class ProbeEvaluation(TrainerCallback):
-    """Each epoch, evaluate the largest, a middle and the smallest subnet on the search rows (not
-    the validation split, which is read once per final model); keep the history."""
+    """Each epoch, evaluate the largest, a middle and the smallest subnet on the first `PROBE_ROWS`
+    search rows (not the validation split, which is read once per final model); keep the history."""
 
     def __init__(self, supernet: Supernet, data, batch_size: int):
         self.supernet, self.data, self.batch_size = supernet, data, batch_size
+        self.rows = data.search.select(range(min(len(data.search), PROBE_ROWS)))
         self.probes = probe_subnets(supernet.space)
         self.history: list[dict] = []
+        self.last: tuple[int, dict[str, dict]] | None = None  # (global step, results) of the last evaluation
 
     def evaluate_probes(self) -> dict[str, dict]:
-        return {name: self.supernet.evaluate(subnet, self.data.search, self.data, self.batch_size)
+        return {name: self.supernet.evaluate(subnet, self.rows, self.data, self.batch_size)
                 for name, subnet in self.probes.items()}
+
+    def final(self, global_step: int) -> dict[str, dict]:
+        """The probes at the end of training: the last epoch's results when training ended there."""
+        if self.last is not None and self.last[0] == global_step:
+            return self.last[1]
+        return self.evaluate_probes()
 
     def on_epoch_end(self, args, state, control, **kwargs):
         results = self.evaluate_probes()  # every rank: each evaluates its share of the rows
+        self.last = (state.global_step, results)
         self.history.append({"epoch": round(state.epoch, 2), **{k: v["score"] for k, v in results.items()}})
         console.print(f"  epoch {state.epoch:.2f}: " + ", ".join(f"{k} {v['score']:.4f}" for k, v in results.items()))
 
@@ -151,7 +166,7 @@ def train_supernet(recipe: Recipe, resume: bool = False) -> dict:
             seed=recipe.seed,
         )
         trainer.train(resume_from_checkpoint=last_checkpoint)
-        final = probes.evaluate_probes()  # leaves the largest subnet active, the one saved
+        final = probes.final(trainer.state.global_step)  # the largest subnet is active: the one saved
         out.metrics = {
             "final": final,
             "history": probes.history,
