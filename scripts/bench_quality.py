@@ -146,6 +146,8 @@ SANDWICH_KEYS = ("num_random_subnets", "random_subnets")
 # How the search's result is read, not what it measures: only the cells that read its choice see it
 # (the choice moves no super-network and no trial, so (c) keeps its cells).
 CHOICE_KEYS = ("tie_standard_errors",)
+# What decides the shared teacher: its run's fine-tune, not the sections of the stages after it.
+TEACHER_SECTIONS = {"seed", "device", "model", "task", "finetune"}
 
 
 class CellStore:
@@ -171,22 +173,21 @@ class CellStore:
 
 
 def fingerprint(recipe: Recipe, teacher_recipe: Recipe, method: str, budget: float, polish_epochs: float) -> str:
-    """What decides a cell: every setting of the seed's run and of the shared teacher (paths and
-    run names aside), the method, the budget and the code version."""
-
-    def settings(r: Recipe, reads_the_supernet: bool = True) -> dict:
-        dumped = r.model_dump(mode="json", exclude={"name", "output_dir"})
-        dumped["model"].pop("teacher", None)
-        for key in CHOICE_KEYS:
-            dumped["search"].pop(key)
-        if not reads_the_supernet:
-            del dumped["search"]
-            for key in SANDWICH_KEYS:
-                del dumped["supernet"][key]
-        return dumped
-
-    decided = {"version": CELL_VERSION, "method": method, "budget": budget,
-               "run": settings(recipe, method in READ_THE_SUPERNET), "teacher": settings(teacher_recipe),
+    """What decides a cell: the settings of the seed's run that the method reads and the teacher's
+    (paths and run names aside), the method, the budget and the code version. A setting a method
+    does not read stays out, so adding or changing one keeps that method's cells."""
+    run = recipe.model_dump(mode="json", exclude={"name", "output_dir"})
+    run["model"].pop("teacher", None)
+    for key in CHOICE_KEYS:
+        run["search"].pop(key)
+    if method not in READ_THE_SUPERNET:
+        del run["search"]
+        for key in SANDWICH_KEYS:
+            del run["supernet"][key]
+    if method != "eftnas+polish":
+        del run["export"]  # only the polish reads it (export.finetune_*)
+    teacher = teacher_recipe.model_dump(mode="json", include=TEACHER_SECTIONS)
+    decided = {"version": CELL_VERSION, "method": method, "budget": budget, "run": run, "teacher": teacher,
                "polish_epochs": polish_epochs if method == "eftnas+polish" else None}
     if method in READ_THE_SEARCH:
         decided["search_version"] = SEARCH_VERSION

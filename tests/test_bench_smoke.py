@@ -172,6 +172,14 @@ def test_cell_fingerprints_follow_what_each_method_reads(monkeypatch):
         assert fingerprint(choice, method) == fingerprint(base, method)
     for method in ("eftnas", "eftnas+polish"):
         assert fingerprint(choice, method) != fingerprint(base, method)
+    export = recipe("export.calibration_samples=64")  # only the polish reads the export section
+    for method in ("teacher", "a", "b", "c", "d", "eftnas"):
+        assert fingerprint(export, method) == fingerprint(base, method)
+    assert fingerprint(export, "eftnas+polish") != fingerprint(base, "eftnas+polish")
+    # The shared teacher is decided by its fine-tune: a later stage's setting in its recipe moves no cell.
+    for later in ("search.trials=40", "supernet.epochs=3", "export.calibration_samples=64"):
+        assert bench_quality.fingerprint(base, recipe(later), "b", 0.5, 1.0) == fingerprint(base, "b")
+    assert bench_quality.fingerprint(base, recipe("finetune.epochs=1"), "b", 0.5, 1.0) != fingerprint(base, "b")
 
 
 def test_bench_choice_cross_validation_prefers_more_macs_only_among_near_ties(monkeypatch):
