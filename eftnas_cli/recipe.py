@@ -202,7 +202,9 @@ class SearchSection(Section):
     # Validated when left at its default too: a larger population alone must be refused as well.
     trials: int = Field(200, ge=1, validate_default=True)
     budgets: list[float] = Field(default_factory=lambda: [0.5, 0.35], description="MACs fractions of the full model")
-    max_eval_samples: int | None = Field(None, ge=1, description="search rows per trial (task.search_fraction); null = all")
+    max_eval_samples: int | None = Field(2000, ge=1, description=(
+        "search rows each trial reads (the first of task.search_fraction's); null = all. On SST-2 "
+        "all 6,735 took the search 10.4 min, 2,000 took 3.0 (docs/benchmarks_search_rows.md)"))
     refine: float = Field(0.5, ge=0, lt=1, description=(
         "share of the trials spent, after NSGA-II, climbing from each budget's best subnet to its "
         "neighbours within the budget (split evenly among the budgets; 0 = NSGA-II only)"))

@@ -225,7 +225,8 @@ def measure(context: SeedContext, method: str, budget: float) -> dict:
     if method == "teacher":
         return cell(context, method, 1.0, elastic.full_subnet(context.teacher.config), context.evaluate(context.teacher), None)
     if method in ("eftnas", "eftnas+polish"):
-        best = artifacts.load_pareto(context.run, by=BY).best(budget)
+        pareto = artifacts.load_pareto(context.run, by=BY)
+        best = pareto.best(budget)
         if best is None:
             return cell(context, method, budget, None, None, None, note="the search found no subnet within this budget")
         subnet = elastic.Subnet.from_dict(best["subnet"])
@@ -235,7 +236,8 @@ def measure(context: SeedContext, method: str, budget: float) -> dict:
             metrics, wall = kd_finetune(context, supernet.extract(subnet), f"polish @ {budget:g}", context.polish_epochs)
             return cell(context, method, budget, subnet, metrics, pipeline_wall + wall, polish_wall_s=wall)
         metrics = supernet.evaluate(subnet, context.data.main_eval, context.data, context.recipe.search.eval_batch_size)
-        return cell(context, method, budget, subnet, metrics, pipeline_wall, search_score=best["score"], stage_walls=walls)
+        return cell(context, method, budget, subnet, metrics, pipeline_wall, search_score=best["score"],
+                    search_rows_read=pareto.eval_rows, stage_walls=walls)
     if method == "c":
         subnet = uniform_subnet(supernet.config, fits)
         metrics = supernet.evaluate(subnet, context.data.main_eval, context.data, context.recipe.search.eval_batch_size)
@@ -307,6 +309,12 @@ def bench_task(task: str, args: argparse.Namespace, store: CellStore, device: to
                     store.put(key, decided, found[(method, budget)])
         cells += [{**value, "seed": seed} for value in found.values()]
     return {**facts, "seeds": args.seeds, "cells": cells}
+
+
+def search_rows_read(result: dict) -> str:
+    """How many of the search rows each trial read, where the search did not read them all."""
+    read = {c["search_rows_read"] for c in result["cells"] if "search_rows_read" in c}
+    return f" (the search reads the first {', '.join(map(str, sorted(read)))})" if read and max(read) < result["search_rows"] else ""
 
 
 def task_facts(context: SeedContext, teacher_run: RunDir) -> dict:
@@ -494,7 +502,8 @@ def render_report(results: dict[str, dict], header: dict) -> str:
             f"## {task.upper()}",
             "",
             f"Validation split `{result['eval_split']}` ({result['eval_rows']} rows); {result['train_rows']} train rows, "
-            f"{result['search_rows']} search rows held out of train; seeds {', '.join(map(str, result['seeds']))}; "
+            f"{result['search_rows']} search rows held out of train{search_rows_read(result)}; "
+            f"seeds {', '.join(map(str, result['seeds']))}; "
             f"MACs at sequence length {result['macs_seq_len']} (dense encoder {result['full_gmacs']:.3g} GMACs).",
         ]
         for metric in metric_names(result):

@@ -1,0 +1,156 @@
+"""How many search rows the search needs: the search capped at N rows per trial, on finished runs.
+
+For each finished run (bench_quality's `runs/bench/<task>-s<seed>`, whose search read all its
+search rows) and each --rows N, the run's importance, space and super-network are linked into
+`<run>/bench/rows-<N>/` and `search` runs there again with `search.max_eval_samples=N`, every other
+setting the run's. Each budget's choice, the capped searches' and the full search's, is then scored
+on the search rows after the largest N: rows no capped search read. The full search read them and
+chose on them, so the comparison leans in its favour. The validation split is not read: these
+figures choose the default. Finished capped searches are kept (a re-run only scores).
+
+    python scripts/bench_search_rows.py --run runs/bench/sst2-s0 --run runs/bench/sst2-s1 [--rows 1000 2000]
+        [--budgets 0.7 0.5 0.35 0.25] [--out docs/benchmarks_search_rows.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+import _bench_common as common
+
+from eftnas_cli import artifacts, elastic
+from eftnas_cli.data import recipe_task_data
+from eftnas_cli.models import load_tokenizer
+from eftnas_cli.recipe import Recipe, load_recipe
+from eftnas_cli.rundir import STAGE_SECTIONS, RunDir, write_json
+from eftnas_cli.stages.pipeline import run_pipeline
+from eftnas_cli.supernet import Supernet
+
+BY = "bench_search_rows"
+DEFAULT_OUT = Path("docs/benchmarks_search_rows.md")
+# The stages a capped search reads, linked (not copied: the super-network is tens of MB) from the run.
+UPSTREAM = ("importance", "gen-space", "train-supernet")
+
+
+def capped_recipe(path: Path, rows: int) -> Recipe:
+    return load_recipe(path / "recipe.yaml", [f"output_dir={path / 'bench'}", f"name=rows-{rows}",
+                                              f"search.max_eval_samples={rows}"])
+
+
+def capped_search(path: Path, rows: int) -> Recipe:
+    """The run's search again, reading only its first `rows` search rows (kept once done)."""
+    recipe = capped_recipe(path, rows)
+    target = recipe.run_dir
+    if not (target / "manifest.json").is_file():
+        shutil.rmtree(target, ignore_errors=True)  # a copy killed half-way
+        for stage in UPSTREAM:
+            shutil.copytree(path / STAGE_SECTIONS[stage], target / STAGE_SECTIONS[stage], copy_function=os.link)
+        manifest = json.loads((path / "manifest.json").read_text())
+        manifest["stages"] = {stage: manifest["stages"][stage] for stage in UPSTREAM}
+        write_json(target / "manifest.json", manifest)  # written last: it marks the copy complete
+    run_pipeline(recipe, until="search")
+    return recipe
+
+
+def bench_run(path: Path, args) -> dict:
+    recipe = load_recipe(path / "recipe.yaml", [])
+    full = artifacts.load_pareto(RunDir(recipe), by=BY)
+    searches = {"all": (full, RunDir(recipe).record("search")["wall_time_s"])}
+    for rows in args.rows:
+        capped = RunDir(capped_search(path, rows))
+        searches[str(rows)] = (artifacts.load_pareto(capped, by=BY), capped.record("search")["wall_time_s"])
+    data = recipe_task_data(recipe, load_tokenizer(recipe.model.name))
+    unread = data.search.select(range(max(args.rows), len(data.search)))
+    supernet = Supernet.load(RunDir(recipe), data.spec, by=BY)
+    scores: dict[str, float] = {}  # subnet (json) -> score on the unread rows
+
+    def unread_score(subnet: dict) -> float:
+        key = json.dumps(subnet, sort_keys=True)
+        if key not in scores:
+            scores[key] = supernet.evaluate(elastic.Subnet.from_dict(subnet), unread, data,
+                                            recipe.search.eval_batch_size)["score"]
+        return scores[key]
+
+    result = {"run": str(path), "task": data.spec.name, "seed": recipe.seed, "search_rows": len(data.search),
+              "unread_rows": len(unread), "searches": {}}
+    for label, (pareto, wall) in searches.items():
+        by_trial = {t["trial"]: t for t in pareto.trials}
+        choices = {}
+        for budget in args.budgets:
+            chosen = pareto.best(budget)
+            if chosen is None:
+                continue
+            trial = by_trial[chosen["trial"]]
+            choices[artifacts.budget_key(budget)] = {"trial": trial["trial"], "macs_ratio": trial["macs"] / pareto.full_macs,
+                                                     "unread_score": unread_score(trial["subnet"])}
+        result["searches"][label] = {"eval_rows": pareto.eval_rows, "wall_s": wall, "choices": choices}
+    return result
+
+
+def mean_sd(values: list[float], signed: bool = False) -> str:
+    mean = f"{statistics.fmean(values):{'+' if signed else ''}.2f}"
+    return f"{mean} ± {statistics.stdev(values):.2f}" if len(values) > 1 else mean
+
+
+def render(results: list[dict], args, provenance: dict) -> str:
+    lines = ["# How many search rows the search needs (search rows only)", "", *common.provenance_lines(provenance), "",
+             "Each run's search again with `search.max_eval_samples` = N on the same super-network; every choice "
+             "scored on the search rows after the largest N, which no capped search read (the full search read and "
+             "chose on them: the comparison leans in its favour). Cells: mean ± sd over seeds of that score (x100), "
+             "in brackets the mean MACs ratio chosen; differences are paired with the full search's choice.", ""]
+    for task in sorted({r["task"] for r in results}):
+        runs = [r for r in results if r["task"] == task]
+        labels = list(runs[0]["searches"])
+        lines += [f"## {task}: seeds {', '.join(str(r['seed']) for r in runs)}; {runs[0]['search_rows']} search rows, "
+                  f"scored on the last {runs[0]['unread_rows']}", ""]
+        headers = ["budget"] + [f"{'all ' + str(runs[0]['search_rows']) if label == 'all' else label} rows"
+                                for label in labels] + [f"{label} − all" for label in labels[1:]]
+        table = []
+        for budget in [artifacts.budget_key(b) for b in args.budgets]:
+            if not all(budget in r["searches"][label]["choices"] for r in runs for label in labels):
+                continue
+            row = [budget]
+            for label in labels:
+                choices = [r["searches"][label]["choices"][budget] for r in runs]
+                row.append(f"{mean_sd([100 * c['unread_score'] for c in choices])} "
+                           f"({statistics.fmean(c['macs_ratio'] for c in choices):.3f})")
+            for label in labels[1:]:
+                row.append(mean_sd([100 * (r["searches"][label]["choices"][budget]["unread_score"]
+                                           - r["searches"]["all"]["choices"][budget]["unread_score"]) for r in runs],
+                                   signed=True))
+            table.append(row)
+        table.append(["search wall time"] + [common.format_duration(statistics.fmean(r["searches"][label]["wall_s"] for r in runs))
+                                             for label in labels] + [""] * (len(labels) - 1))
+        lines += [common.markdown_table(headers, table, align="l" + "r" * (len(headers) - 1)), ""]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--run", type=Path, action="append", required=True,
+                        help="a run whose search read all its search rows (repeat)")
+    parser.add_argument("--rows", nargs="+", type=int, default=[1000, 2000], help="search rows per trial to try")
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.7, 0.5, 0.35, 0.25])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    results = [bench_run(path, args) for path in args.run]
+    provenance = common.provenance("cpu", {"runs": ", ".join(str(p) for p in args.run)})
+    report = render(results, args, provenance)
+    common.write_report(args.out, report)
+    write_json(args.out.with_suffix(".json"), {"provenance": provenance, "runs": results})
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
