@@ -89,6 +89,24 @@ def test_bench_quality_smoke(tmp_path):
     assert summary[("teacher", 1.0, "accuracy")]["retention_mean"] == pytest.approx(1.0)
     assert ("eftnas", 0.6, "f1") in summary  # MRPC reports F1 beside accuracy
 
+    # The scripts that choose defaults on a finished run's search rows.
+    rows = run_script("bench_search_rows.py", "--run", tmp_path / "runs" / "mrpc-s1", "--rows", "4", "--budgets", "0.6",
+                      "--out", tmp_path / "rows.md")
+    assert rows.returncode == 0, rows.stdout + rows.stderr
+    header, *table = table_with_header(rows.stdout, "budget")
+    assert header[1:4] == ["all 8 rows", "4 rows", "4 − all"]
+    assert [row[0] for row in table] == ["0.6", "search wall time"]
+    capped = json.loads((tmp_path / "runs" / "mrpc-s1" / "bench" / "rows-4" / "search" / "pareto.json").read_text())
+    assert capped["eval_rows"] == 4  # the capped search read 4 rows, the scores the other 4
+    assert json.loads((tmp_path / "rows.json").read_text())["runs"][0]["unread_rows"] == 4
+    polish = run_script("bench_polish.py", "--run", tmp_path / "runs" / "mrpc-s1", "--lr", "1e-3", "1e-4",
+                        "--budgets", "0.6", "--out", tmp_path / "polish.md")
+    assert polish.returncode == 0, polish.stdout + polish.stderr
+    header, *table = table_with_header(polish.stdout, "budget")
+    assert header[3:] == ["lr 0.001 (− unpolished)", "lr 0.0001 (− unpolished)"] and [row[0] for row in table] == ["0.6"]
+    polished = json.loads((tmp_path / "runs" / "mrpc-s1" / "bench" / "polish_lr.json").read_text())
+    assert len(polished) == 2 and {e["score"] for e in polished.values()} <= {i / 8 for i in range(9)}
+
     # Resumable from the cells kept beside the report: a second run, even without the first's run
     # directories, finds every cell finished and runs nothing.
     assert (tmp_path / "benchmarks_quality_cells.json").is_file()

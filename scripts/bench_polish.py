@@ -1,0 +1,122 @@
+"""How the polish should fine-tune each budget's subnet: learning rates compared on search rows.
+
+For each finished run (bench_quality's `runs/bench/<task>-s<seed>`, say) and each --budgets, the
+search's choice is extracted from the super-network and fine-tuned --epochs with KD from the
+teacher at each --lr (`export.finetune_learning_rate`; the super-network's other settings, as the
+polish does), then scored on the search rows. The subnet was chosen on those rows, the same one for
+every learning rate, so the learning rates are compared fairly; its unpolished search score is
+beside. Polished scores are cached in `<run>/bench/polish_lr.json`. The validation split is not
+read: these figures choose the default.
+
+    python scripts/bench_polish.py --run runs/bench/mrpc-s0 --run runs/bench/mrpc-s1 [--lr 5e-5 1.5e-5]
+        [--budgets 0.5 0.35] [--epochs 1] [--out docs/benchmarks_polish.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import _bench_common as common
+import bench_quality
+import torch
+
+from eftnas_cli import artifacts, elastic
+from eftnas_cli.recipe import load_recipe
+from eftnas_cli.rundir import write_json
+from eftnas_cli.training import distill, evaluate
+
+BY = "bench_polish"
+CACHE_FILE = "polish_lr.json"
+DEFAULT_OUT = Path("docs/benchmarks_polish.md")
+
+
+def bench_run(path: Path, args) -> dict:
+    recipe = load_recipe(path / "recipe.yaml", [])
+    context = bench_quality.load_context(recipe, torch.device("cpu"), args.epochs)
+    data = context.data
+    pareto = artifacts.load_pareto(context.run, by=BY)
+    cache = path / "bench" / CACHE_FILE
+    done = json.loads(cache.read_text()) if cache.is_file() else {}
+    result = {"run": str(path), "task": data.spec.name, "seed": recipe.seed, "search_rows": len(data.search),
+              "supernet_lr": recipe.supernet.learning_rate, "budgets": {}}
+    for budget in args.budgets:
+        chosen = pareto.best(budget)
+        if chosen is None:
+            continue
+        subnet = elastic.Subnet.from_dict(chosen["subnet"])
+        entry = {"trial": chosen["trial"], "macs_ratio": context.macs_ratio(subnet), "search_score": chosen["score"],
+                 "polished": {}}
+        for lr in args.lr:
+            key = f"t{chosen['trial']}-e{args.epochs:g}-lr{lr:g}"
+            if key not in done:
+                section = recipe.supernet.model_copy(update={"epochs": args.epochs, "learning_rate": lr, "max_steps": None})
+                trained, wall = distill(context.supernet.extract(subnet), context.teacher, data, section,
+                                        seed=recipe.seed, device=recipe.device, description=f"polish {key}")
+                metrics = evaluate(trained, data.search, data.collator, data.spec, recipe.search.eval_batch_size)
+                done[key] = {"score": metrics["score"], "wall_s": wall}
+                cache.parent.mkdir(exist_ok=True)
+                write_json(cache, done)
+            entry["polished"][f"{lr:g}"] = done[key]
+        result["budgets"][artifacts.budget_key(budget)] = entry
+    return result
+
+
+def mean_sd(values: list[float], signed: bool = False) -> str:
+    mean = f"{statistics.fmean(values):{'+' if signed else ''}.2f}"
+    return f"{mean} ± {statistics.stdev(values):.2f}" if len(values) > 1 else mean
+
+
+def render(results: list[dict], args, provenance: dict) -> str:
+    lrs = [f"{lr:g}" for lr in args.lr]
+    lines = ["# The polish's learning rate (search rows only)", "", *common.provenance_lines(provenance), "",
+             f"Each budget's chosen subnet, fine-tuned {args.epochs:g} epoch(s) with KD from the teacher at each "
+             "learning rate and scored on the search rows (x100, mean ± sd over seeds); `− unpolished` is the paired "
+             "difference with the subnet before the polish. The subnet was chosen on these rows, the same one for "
+             "every learning rate.", ""]
+    for task in sorted({r["task"] for r in results}):
+        runs = [r for r in results if r["task"] == task]
+        lines += [f"## {task}: seeds {', '.join(str(r['seed']) for r in runs)}, {runs[0]['search_rows']} search rows "
+                  f"(the super-network trained at lr {runs[0]['supernet_lr']:g})", ""]
+        table = []
+        for budget in [artifacts.budget_key(b) for b in args.budgets]:
+            entries = [r["budgets"][budget] for r in runs if budget in r["budgets"]]
+            if not entries:
+                continue
+            row = [budget, f"{statistics.fmean(e['macs_ratio'] for e in entries):.3f}",
+                   mean_sd([100 * e["search_score"] for e in entries])]
+            for lr in lrs:
+                row.append(f"{mean_sd([100 * e['polished'][lr]['score'] for e in entries])} "
+                           f"({mean_sd([100 * (e['polished'][lr]['score'] - e['search_score']) for e in entries], True)})")
+            table.append(row)
+        lines += [common.markdown_table(["budget", "MACs ratio", "unpolished",
+                                         *(f"lr {lr} (− unpolished)" for lr in lrs)], table, align="lrr" + "r" * len(lrs)), ""]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--run", type=Path, action="append", required=True, help="a run whose search is done (repeat)")
+    parser.add_argument("--lr", nargs="+", type=float, default=[5e-5, 1.5e-5])
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.35])
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    results = [bench_run(path, args) for path in args.run]
+    provenance = common.provenance("cpu", {"runs": ", ".join(str(p) for p in args.run)})
+    report = render(results, args, provenance)
+    common.write_report(args.out, report)
+    write_json(args.out.with_suffix(".json"), {"provenance": provenance, "runs": results})
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
