@@ -312,8 +312,10 @@ class Searcher:
         wanted = self.wanted
         objective = SubnetObjective(self.evaluator, self.objectives, max(self.recipe.search.budgets), wanted)
         state = studies.wait_for_budget(study, wanted, show)
-        console.print(f"search: continuing the study, {len(state.complete)} of {wanted} subnets already evaluated"
-                      if state.complete else f"search: starting a study of {wanted} subnets")
+        rows, held_out = len(self.evaluator.rows), len(self.data.search)
+        reading = f"; each reads {rows} search rows" + (f" of {held_out} (search.max_eval_samples)" if rows < held_out else "")
+        console.print((f"search: continuing the study, {len(state.complete)} of {wanted} subnets already evaluated"
+                       if state.complete else f"search: starting a study of {wanted} subnets") + reading, soft_wrap=True)
         for budget, held in self.phases():
             objective.wanted = held
             if budget is None:
