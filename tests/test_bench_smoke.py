@@ -98,6 +98,7 @@ def test_bench_quality_smoke(tmp_path):
     assert [row[0] for row in table] == ["0.6", "search wall time"]
     capped = json.loads((tmp_path / "runs" / "mrpc-s1" / "bench" / "rows-4" / "search" / "pareto.json").read_text())
     assert capped["eval_rows"] == 4  # the capped search read 4 rows, the scores the other 4
+    assert "each reads 4 search rows of 8 (search.max_eval_samples)" in rows.stdout + rows.stderr
     assert json.loads((tmp_path / "rows.json").read_text())["runs"][0]["unread_rows"] == 4
     polish = run_script("bench_polish.py", "--run", tmp_path / "runs" / "mrpc-s1", "--lr", "1e-3", "1e-4",
                         "--budgets", "0.6", "--out", tmp_path / "polish.md")
