@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import shlex
+import statistics
 import sys
 import time
 from contextlib import suppress
@@ -128,6 +129,37 @@ def format_duration(seconds: float | None) -> str:
 def write_report(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text if text.endswith("\n") else text + "\n")
+
+
+# ---- scripts that read finished runs (--run) ---------------------------------------------------
+def runs_parser(doc: str, default_out: Path):
+    """An argument parser with --run (repeatable, required) and --out, described by `doc`'s first paragraph."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--run", type=Path, action="append", required=True, help="a run whose search is done (repeat)")
+    parser.add_argument("--out", type=Path, default=default_out)
+    return parser
+
+
+def report_over_runs(args, bench_run, render) -> int:
+    """`bench_run(path, args)` for each --run; `render(results, args, provenance)` written to --out and
+    printed, the results in JSON beside it."""
+    from eftnas_cli.rundir import write_json
+
+    results = [bench_run(path, args) for path in args.run]
+    record = provenance("cpu", {"runs": ", ".join(str(path) for path in args.run)})
+    report = render(results, args, record)
+    write_report(args.out, report)
+    write_json(args.out.with_suffix(".json"), {"provenance": record, "runs": results})
+    print(report)
+    return 0
+
+
+def mean_sd(values: list[float], signed: bool = False) -> str:
+    """`mean ± sd` with 2 decimals (the mean alone for one value); `signed` puts + on positive means."""
+    mean = f"{statistics.fmean(values):{'+' if signed else ''}.2f}"
+    return f"{mean} ± {statistics.stdev(values):.2f}" if len(values) > 1 else mean
 
 
 # ---- targets -----------------------------------------------------------------------------------

@@ -161,11 +161,6 @@ def bench_run(path: Path, args) -> dict:
     return result
 
 
-def mean_sd(values: list[float], digits: int = 2) -> str:
-    mean = f"{statistics.fmean(values):+.{digits}f}"
-    return f"{mean} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else mean
-
-
 def render(results: list[dict], args, provenance: dict) -> str:
     ks = [f"{k:g}" for k in args.k]
     lines = ["# Choosing each budget's subnet among near-tied ones (search rows only)", "",
@@ -187,9 +182,9 @@ def render(results: list[dict], args, provenance: dict) -> str:
                 ratio = statistics.fmean(r["cross_validation"][budget][k]["macs_ratio"] for r in runs
                                          if budget in r["cross_validation"])
                 overall[k] += gains
-                cells.append(f"{mean_sd(gains)} ({ratio:.3f})")
+                cells.append(f"{common.mean_sd(gains, signed=True)} ({ratio:.3f})")
             rows.append([budget, *cells])
-        rows.append(["all budgets", *(mean_sd(overall[k]) for k in ks)])
+        rows.append(["all budgets", *(common.mean_sd(overall[k], signed=True) for k in ks)])
         lines += [common.markdown_table(["budget", *(f"k = {k}" for k in ks)], rows, align="l" + "r" * len(ks)), ""]
         polished = [r for r in runs if "polish" in r]
         if polished:
@@ -208,7 +203,7 @@ def render(results: list[dict], args, provenance: dict) -> str:
             for budget in [artifacts.budget_key(b) for b in args.polish_budgets]:
                 differences = [100 * (r["polish"][budget][f"k={args.polish_k:g}"]["polished_search_score"]
                                       - r["polish"][budget]["best score"]["polished_search_score"]) for r in polished]
-                lines.append(f"- {budget}: mean difference {mean_sd(differences)} over {len(differences)} seeds")
+                lines.append(f"- {budget}: mean difference {common.mean_sd(differences, signed=True)} over {len(differences)} seeds")
             lines.append("")
     gains = {k: statistics.fmean(r["cross_validation"][b][k]["gain"] for r in results for b in r["cross_validation"])
              for k in ks}
@@ -219,8 +214,7 @@ def render(results: list[dict], args, provenance: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--run", type=Path, action="append", required=True, help="a run whose search is done (repeat)")
+    parser = common.runs_parser(__doc__, DEFAULT_OUT)
     parser.add_argument("--k", nargs="+", type=float, default=[0, 0.5, 1, 1.5, 2])
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.7, 0.5, 0.35, 0.25])
     parser.add_argument("--splits", type=int, default=1000)
@@ -228,19 +222,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--polish-k", type=float, default=0.5)
     parser.add_argument("--polish-budgets", nargs="+", type=float, default=[0.5, 0.35])
     parser.add_argument("--polish-epochs", type=float, default=1.0)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    results = [bench_run(path, args) for path in args.run]
-    provenance = common.provenance("cpu", {"runs": ", ".join(str(p) for p in args.run)})
-    report = render(results, args, provenance)
-    common.write_report(args.out, report)
-    write_json(args.out.with_suffix(".json"), {"provenance": provenance, "runs": results})
-    print(report)
-    return 0
+    return common.report_over_runs(parse_args(argv), bench_run, render)
 
 
 if __name__ == "__main__":

@@ -65,11 +65,6 @@ def bench_run(path: Path, args) -> dict:
     return result
 
 
-def mean_sd(values: list[float], signed: bool = False) -> str:
-    mean = f"{statistics.fmean(values):{'+' if signed else ''}.2f}"
-    return f"{mean} ± {statistics.stdev(values):.2f}" if len(values) > 1 else mean
-
-
 def render(results: list[dict], args, provenance: dict) -> str:
     lrs = [f"{lr:g}" for lr in args.lr]
     lines = ["# The polish's learning rate (search rows only)", "", *common.provenance_lines(provenance), "",
@@ -87,10 +82,10 @@ def render(results: list[dict], args, provenance: dict) -> str:
             if not entries:
                 continue
             row = [budget, f"{statistics.fmean(e['macs_ratio'] for e in entries):.3f}",
-                   mean_sd([100 * e["search_score"] for e in entries])]
+                   common.mean_sd([100 * e["search_score"] for e in entries])]
             for lr in lrs:
-                row.append(f"{mean_sd([100 * e['polished'][lr]['score'] for e in entries])} "
-                           f"({mean_sd([100 * (e['polished'][lr]['score'] - e['search_score']) for e in entries], True)})")
+                row.append(f"{common.mean_sd([100 * e['polished'][lr]['score'] for e in entries])} "
+                           f"({common.mean_sd([100 * (e['polished'][lr]['score'] - e['search_score']) for e in entries], True)})")
             table.append(row)
         lines += [common.markdown_table(["budget", "MACs ratio", "unpolished",
                                          *(f"lr {lr} (− unpolished)" for lr in lrs)], table, align="lrr" + "r" * len(lrs)), ""]
@@ -98,24 +93,15 @@ def render(results: list[dict], args, provenance: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--run", type=Path, action="append", required=True, help="a run whose search is done (repeat)")
+    parser = common.runs_parser(__doc__, DEFAULT_OUT)
     parser.add_argument("--lr", nargs="+", type=float, default=[5e-5, 1.5e-5])
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.35])
     parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    results = [bench_run(path, args) for path in args.run]
-    provenance = common.provenance("cpu", {"runs": ", ".join(str(p) for p in args.run)})
-    report = render(results, args, provenance)
-    common.write_report(args.out, report)
-    write_json(args.out.with_suffix(".json"), {"provenance": provenance, "runs": results})
-    print(report)
-    return 0
+    return common.report_over_runs(parse_args(argv), bench_run, render)
 
 
 if __name__ == "__main__":

@@ -93,11 +93,6 @@ def bench_run(path: Path, args) -> dict:
     return result
 
 
-def mean_sd(values: list[float], signed: bool = False) -> str:
-    mean = f"{statistics.fmean(values):{'+' if signed else ''}.2f}"
-    return f"{mean} ± {statistics.stdev(values):.2f}" if len(values) > 1 else mean
-
-
 def render(results: list[dict], args, provenance: dict) -> str:
     lines = ["# How many search rows the search needs (search rows only)", "", *common.provenance_lines(provenance), "",
              "Each run's search again with `search.max_eval_samples` = N on the same super-network; every choice "
@@ -118,10 +113,10 @@ def render(results: list[dict], args, provenance: dict) -> str:
             row = [budget]
             for label in labels:
                 choices = [r["searches"][label]["choices"][budget] for r in runs]
-                row.append(f"{mean_sd([100 * c['unread_score'] for c in choices])} "
+                row.append(f"{common.mean_sd([100 * c['unread_score'] for c in choices])} "
                            f"({statistics.fmean(c['macs_ratio'] for c in choices):.3f})")
             for label in labels[1:]:
-                row.append(mean_sd([100 * (r["searches"][label]["choices"][budget]["unread_score"]
+                row.append(common.mean_sd([100 * (r["searches"][label]["choices"][budget]["unread_score"]
                                            - r["searches"]["all"]["choices"][budget]["unread_score"]) for r in runs],
                                    signed=True))
             table.append(row)
@@ -132,24 +127,14 @@ def render(results: list[dict], args, provenance: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--run", type=Path, action="append", required=True,
-                        help="a run whose search read all its search rows (repeat)")
+    parser = common.runs_parser(__doc__, DEFAULT_OUT)
     parser.add_argument("--rows", nargs="+", type=int, default=[1000, 2000], help="search rows per trial to try")
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.7, 0.5, 0.35, 0.25])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    results = [bench_run(path, args) for path in args.run]
-    provenance = common.provenance("cpu", {"runs": ", ".join(str(p) for p in args.run)})
-    report = render(results, args, provenance)
-    common.write_report(args.out, report)
-    write_json(args.out.with_suffix(".json"), {"provenance": provenance, "runs": results})
-    print(report)
-    return 0
+    return common.report_over_runs(parse_args(argv), bench_run, render)
 
 
 if __name__ == "__main__":
