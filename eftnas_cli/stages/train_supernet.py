@@ -82,8 +82,8 @@ class SandwichTrainer(DistillationTrainer):
 
 
 # Rows of the search split each probe reads: the probes show how training goes (one standard error
-# of an accuracy is about 1.5 points on 1,000 rows), they choose nothing. Reading all of SST-2's
-# 6,735 search rows cost a quarter of its super-network's training time.
+# of an accuracy is 1 to 1.6 points on 1,000 rows), they choose nothing. Reading all 6,735 of
+# SST-2's, and again at the end, made its super-network's stage 7m20s instead of 6m04s.
 PROBE_ROWS = 1000
 
 
