@@ -43,17 +43,24 @@ def capped_recipe(path: Path, rows: int) -> Recipe:
                                               f"search.max_eval_samples={rows}"])
 
 
+def upstream_outputs(manifest: dict) -> dict:
+    """The files (by sha256) of the stages a capped search reads: a copy must hold the run's."""
+    return {stage: (manifest["stages"].get(stage) or {}).get("outputs") for stage in UPSTREAM}
+
+
 def capped_search(path: Path, rows: int) -> Recipe:
-    """The run's search again, reading only its first `rows` search rows (kept once done)."""
+    """The run's search again, reading only its first `rows` search rows (kept while the run's
+    super-network is the one it searched)."""
     recipe = capped_recipe(path, rows)
     target = recipe.run_dir
-    if not (target / "manifest.json").is_file():
-        shutil.rmtree(target, ignore_errors=True)  # a copy killed half-way
+    manifest = json.loads((path / "manifest.json").read_text())
+    copied = target / "manifest.json"
+    if not copied.is_file() or upstream_outputs(json.loads(copied.read_text())) != upstream_outputs(manifest):
+        shutil.rmtree(target, ignore_errors=True)  # a copy killed half-way, or of an earlier super-network
         for stage in UPSTREAM:
             shutil.copytree(path / STAGE_SECTIONS[stage], target / STAGE_SECTIONS[stage], copy_function=os.link)
-        manifest = json.loads((path / "manifest.json").read_text())
-        manifest["stages"] = {stage: manifest["stages"][stage] for stage in UPSTREAM}
-        write_json(target / "manifest.json", manifest)  # written last: it marks the copy complete
+        # Written last: it marks the copy complete.
+        write_json(copied, {**manifest, "stages": {stage: manifest["stages"][stage] for stage in UPSTREAM}})
     run_pipeline(recipe, until="search")
     return recipe
 

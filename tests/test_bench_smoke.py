@@ -100,6 +100,18 @@ def test_bench_quality_smoke(tmp_path):
     assert capped["eval_rows"] == 4  # the capped search read 4 rows, the scores the other 4
     assert "each reads 4 search rows of 8 (search.max_eval_samples)" in rows.stdout + rows.stderr
     assert json.loads((tmp_path / "rows.json").read_text())["runs"][0]["unread_rows"] == 4
+    # A copy of another super-network than the run's (the run retrained since) is made again.
+    copy_manifest = tmp_path / "runs" / "mrpc-s1" / "bench" / "rows-4" / "manifest.json"
+    stale = json.loads(copy_manifest.read_text())
+    stale["stages"]["train-supernet"]["outputs"]["supernet/model/model.safetensors"] = "0" * 64
+    copy_manifest.write_text(json.dumps(stale))
+    again = run_script("bench_search_rows.py", "--run", tmp_path / "runs" / "mrpc-s1", "--rows", "4", "--budgets", "0.6",
+                       "--out", tmp_path / "rows.md")
+    assert again.returncode == 0, again.stdout + again.stderr
+    said = again.stdout + again.stderr
+    assert "train-supernet: up to date, skipped" in said and "search: starting a study" in said  # copied, not retrained
+    assert json.loads(copy_manifest.read_text())["stages"]["train-supernet"]["outputs"] == \
+        json.loads((tmp_path / "runs" / "mrpc-s1" / "manifest.json").read_text())["stages"]["train-supernet"]["outputs"]
     polish = run_script("bench_polish.py", "--run", tmp_path / "runs" / "mrpc-s1", "--lr", "1e-3", "1e-4",
                         "--budgets", "0.6", "--out", tmp_path / "polish.md")
     assert polish.returncode == 0, polish.stdout + polish.stderr
