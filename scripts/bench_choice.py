@@ -38,7 +38,6 @@ from eftnas_cli.recipe import load_recipe
 from eftnas_cli.rundir import RunDir, write_json
 from eftnas_cli.supernet import Supernet
 from eftnas_cli.tasks import SEQUENCE_CLASSIFICATION, model_outputs
-from eftnas_cli.training import evaluate
 from eftnas_cli.ui import progress
 
 BY = "bench_choice"
@@ -127,12 +126,9 @@ def polish(run: RunDir, recipe, data, trials: list[dict], full_macs: int, budget
         for rule, trial in picks.items():
             key = f"t{trial['trial']}-e{epochs:g}"
             if key not in done:
-                section = recipe.supernet.model_copy(update={"epochs": epochs, "max_steps": None})
-                trained, wall = bench_quality.distill(context.supernet.extract(elastic.Subnet.from_dict(trial["subnet"])),
-                                                      context.teacher, context.data, section, seed=recipe.seed,
-                                                      device=recipe.device, description=f"polish t{trial['trial']}")
-                metrics = evaluate(trained, data.search, data.collator, data.spec, recipe.search.eval_batch_size)
-                done[key] = {"polished": metrics["score"], "wall_s": wall}
+                trained, wall = bench_quality.kd_train(context, context.supernet.extract(elastic.Subnet.from_dict(trial["subnet"])),
+                                                       f"polish t{trial['trial']}", epochs)
+                done[key] = {"polished": context.evaluate_on_search_rows(trained)["score"], "wall_s": wall}
                 write_json(cache, done)
             entry[rule] = {"trial": trial["trial"], "macs_ratio": trial["macs"] / full_macs,
                            "search_score": trial["score"], "polished_search_score": done[key]["polished"]}

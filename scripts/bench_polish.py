@@ -27,7 +27,6 @@ import torch
 from eftnas_cli import artifacts, elastic
 from eftnas_cli.recipe import load_recipe
 from eftnas_cli.rundir import write_json
-from eftnas_cli.training import distill, evaluate
 
 BY = "bench_polish"
 CACHE_FILE = "polish_lr.json"
@@ -53,11 +52,9 @@ def bench_run(path: Path, args) -> dict:
         for lr in args.lr:
             key = f"t{chosen['trial']}-e{args.epochs:g}-lr{lr:g}"
             if key not in done:
-                section = recipe.supernet.model_copy(update={"epochs": args.epochs, "learning_rate": lr, "max_steps": None})
-                trained, wall = distill(context.supernet.extract(subnet), context.teacher, data, section,
-                                        seed=recipe.seed, device=recipe.device, description=f"polish {key}")
-                metrics = evaluate(trained, data.search, data.collator, data.spec, recipe.search.eval_batch_size)
-                done[key] = {"score": metrics["score"], "wall_s": wall}
+                trained, wall = bench_quality.kd_train(context, context.supernet.extract(subnet), f"polish {key}",
+                                                       args.epochs, lr)
+                done[key] = {"score": context.evaluate_on_search_rows(trained)["score"], "wall_s": wall}
                 cache.parent.mkdir(exist_ok=True)
                 write_json(cache, done)
             entry["polished"][f"{lr:g}"] = done[key]

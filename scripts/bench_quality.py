@@ -112,6 +112,11 @@ class SeedContext:
         return evaluate(model.to(self.device), self.data.main_eval, self.data.collator, self.data.spec,
                         self.recipe.search.eval_batch_size)
 
+    def evaluate_on_search_rows(self, model: torch.nn.Module) -> dict[str, float]:
+        """Metrics on the search rows, for the scripts that choose defaults there."""
+        return evaluate(model.to(self.device), self.data.search, self.data.collator, self.data.spec,
+                        self.recipe.search.eval_batch_size)
+
     def macs_ratio(self, subnet: elastic.Subnet) -> float:
         return self.supernet.macs(subnet) / self.supernet.full_macs
 
@@ -203,14 +208,22 @@ def cell(context: SeedContext, method: str, budget: float, subnet: elastic.Subne
             "device": context.device.type, **extra}  # cells of one report may come from several machines
 
 
-def kd_finetune(context: SeedContext, student: torch.nn.Module, description: str, epochs: float | None = None):
+def kd_train(context: SeedContext, student: torch.nn.Module, description: str, epochs: float | None = None,
+             learning_rate: float | None = None) -> tuple[torch.nn.Module, float]:
     """`student` trained like the super-network (recipe.supernet) with KD from the teacher, for
-    `epochs` (default the super-network's); returns its validation metrics and training wall time."""
+    `epochs` and at `learning_rate` (default the super-network's); returns it and the training wall time."""
     section = context.recipe.supernet
     if epochs is not None:
         section = section.model_copy(update={"epochs": epochs, "max_steps": None})
-    trained, wall = distill(student, context.teacher, context.data, section, seed=context.recipe.seed,
-                            device=context.recipe.device, description=description)
+    if learning_rate is not None:
+        section = section.model_copy(update={"learning_rate": learning_rate})
+    return distill(student, context.teacher, context.data, section, seed=context.recipe.seed,
+                   device=context.recipe.device, description=description)
+
+
+def kd_finetune(context: SeedContext, student: torch.nn.Module, description: str, epochs: float | None = None):
+    """`kd_train`, then the validation metrics and the training wall time."""
+    trained, wall = kd_train(context, student, description, epochs)
     return context.evaluate(trained), wall
 
 
