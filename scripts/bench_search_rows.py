@@ -28,7 +28,7 @@ from eftnas_cli import artifacts, elastic
 from eftnas_cli.data import recipe_task_data
 from eftnas_cli.models import load_tokenizer
 from eftnas_cli.recipe import Recipe, load_recipe
-from eftnas_cli.rundir import STAGE_SECTIONS, RunDir, write_json
+from eftnas_cli.rundir import RunDir, write_json
 from eftnas_cli.stages.pipeline import run_pipeline
 from eftnas_cli.supernet import Supernet
 
@@ -48,33 +48,31 @@ def upstream_outputs(manifest: dict) -> dict:
     return {stage: (manifest["stages"].get(stage) or {}).get("outputs") for stage in UPSTREAM}
 
 
-def capped_search(path: Path, rows: int) -> Recipe:
+def capped_search(run: RunDir, rows: int) -> Recipe:
     """The run's search again, reading only its first `rows` search rows (kept while the run's
     super-network is the one it searched)."""
-    recipe = capped_recipe(path, rows)
-    target = recipe.run_dir
-    manifest = json.loads((path / "manifest.json").read_text())
-    copied = target / "manifest.json"
-    if not copied.is_file() or upstream_outputs(json.loads(copied.read_text())) != upstream_outputs(manifest):
-        shutil.rmtree(target, ignore_errors=True)  # a copy killed half-way, or of an earlier super-network
+    recipe = capped_recipe(run.path, rows)
+    copy, manifest = RunDir(recipe), run.manifest()
+    if upstream_outputs(copy.manifest()) != upstream_outputs(manifest):  # no manifest reads as no stages
+        shutil.rmtree(copy.path, ignore_errors=True)  # a copy killed half-way, or of an earlier super-network
         for stage in UPSTREAM:
-            shutil.copytree(path / STAGE_SECTIONS[stage], target / STAGE_SECTIONS[stage], copy_function=os.link)
+            shutil.copytree(run.stage_dir(stage), copy.stage_dir(stage), copy_function=os.link)
         # Written last: it marks the copy complete.
-        write_json(copied, {**manifest, "stages": {stage: manifest["stages"][stage] for stage in UPSTREAM}})
+        write_json(copy.manifest_path, {**manifest, "stages": {stage: manifest["stages"][stage] for stage in UPSTREAM}})
     run_pipeline(recipe, until="search")
     return recipe
 
 
 def bench_run(path: Path, args) -> dict:
     recipe = load_recipe(path / "recipe.yaml", [])
-    full = artifacts.load_pareto(RunDir(recipe), by=BY)
-    searches = {"all": (full, RunDir(recipe).record("search")["wall_time_s"])}
+    run = RunDir(recipe)
+    searches = {"all": (artifacts.load_pareto(run, by=BY), run.record("search")["wall_time_s"])}
     for rows in args.rows:
-        capped = RunDir(capped_search(path, rows))
+        capped = RunDir(capped_search(run, rows))
         searches[str(rows)] = (artifacts.load_pareto(capped, by=BY), capped.record("search")["wall_time_s"])
     data = recipe_task_data(recipe, load_tokenizer(recipe.model.name))
     unread = data.search.select(range(max(args.rows), len(data.search)))
-    supernet = Supernet.load(RunDir(recipe), data.spec, by=BY)
+    supernet = Supernet.load(run, data.spec, by=BY)
     scores: dict[str, float] = {}  # subnet (json) -> score on the unread rows
 
     def unread_score(subnet: dict) -> float:
