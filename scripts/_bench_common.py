@@ -144,10 +144,17 @@ def runs_parser(doc: str, default_out: Path):
 
 def report_over_runs(args, bench_run, render) -> int:
     """`bench_run(path, args)` for each --run; `render(results, args, provenance)` written to --out and
-    printed, the results in JSON beside it."""
+    printed, the results in JSON beside it. A run that is not one (no recipe, no search) is one red
+    line and exit code 2."""
+    from eftnas_cli.errors import EftnasError
     from eftnas_cli.rundir import write_json
+    from eftnas_cli.ui import console
 
-    results = [bench_run(path, args) for path in args.run]
+    try:
+        results = [bench_run(path, args) for path in args.run]
+    except EftnasError as error:
+        console.print(f"[red]error:[/red] {error}", soft_wrap=True)
+        return 2
     record = provenance("cpu", {"runs": ", ".join(str(path) for path in args.run)})
     report = render(results, args, record)
     write_report(args.out, report)

@@ -91,9 +91,9 @@ def render(results: list[dict], args, provenance: dict) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = common.runs_parser(__doc__, DEFAULT_OUT)
-    parser.add_argument("--lr", nargs="+", type=float, default=[5e-5, 1.5e-5])
-    parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.35])
-    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--lr", nargs="+", type=float, default=[5e-5, 1.5e-5], help="polish learning rates to compare")
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.35], help="budgets whose choice is polished")
+    parser.add_argument("--epochs", type=float, default=1.0, help="polish epochs (export.finetune_epochs)")
     return parser.parse_args(argv)
 
 

@@ -134,7 +134,8 @@ def render(results: list[dict], args, provenance: dict) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = common.runs_parser(__doc__, DEFAULT_OUT)
     parser.add_argument("--rows", nargs="+", type=int, default=[1000, 2000], help="search rows per trial to try")
-    parser.add_argument("--budgets", nargs="+", type=float, default=[0.7, 0.5, 0.35, 0.25])
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.7, 0.5, 0.35, 0.25],
+                        help="budgets whose choices are compared")
     return parser.parse_args(argv)
 
 

@@ -227,3 +227,12 @@ def test_bench_choice_cross_validation_prefers_more_macs_only_among_near_ties(mo
     for k in ("0", "0.5"):
         assert result["0.5"][k] == {"gain": 0.0, "macs_ratio": 0.48}  # the tie goes to more MACs, never to trial 2
         assert result["0.45"][k] == {"gain": 0.0, "macs_ratio": 0.4}
+
+
+def test_run_reading_benchmarks_refuse_a_folder_that_is_no_run(tmp_path):
+    for script in ("bench_choice.py", "bench_polish.py", "bench_search_rows.py"):
+        result = run_script(script, "--run", tmp_path / "no-run", "--out", tmp_path / "report.md")
+        said = result.stdout + result.stderr
+        assert result.returncode == 2, said
+        assert "recipe file not found" in said and "Traceback" not in said, said
+        assert not (tmp_path / "report.md").exists()
