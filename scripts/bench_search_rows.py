@@ -1,12 +1,13 @@
 """How many search rows the search needs: the search capped at N rows per trial, on finished runs.
 
-For each finished run (bench_quality's `runs/bench/<task>-s<seed>`, whose search read all its
-search rows) and each --rows N, the run's importance, space and super-network are linked into
-`<run>/bench/rows-<N>/` and `search` runs there again with `search.max_eval_samples=N`, every other
-setting the run's. Each budget's choice, the capped searches' and the full search's, is then scored
-on the search rows after the largest N: rows no capped search read. The full search read them and
-chose on them, so the comparison leans in its favour. The validation split is not read: these
-figures choose the default. Finished capped searches are kept (a re-run only scores).
+For each finished run (bench_quality's `runs/bench/<task>-s<seed>`, say) the run's importance, space
+and super-network are linked into `<run>/bench/rows-all/` and `<run>/bench/rows-<N>/` for each
+--rows N, and `search` runs there again with `search.max_eval_samples` null (all search rows) and
+N, every other setting the run's. Each budget's choice, the capped searches' and the full search's,
+is then scored on the search rows after the largest N: rows no capped search read. The full search
+read them and chose on them, so the comparison leans in its favour. The validation split is not
+read: these figures choose the default. Finished searches are kept while the run's super-network
+is unchanged (a re-run only scores).
 
     python scripts/bench_search_rows.py --run runs/bench/sst2-s0 --run runs/bench/sst2-s1 [--rows 1000 2000]
         [--budgets 0.7 0.5 0.35 0.25] [--out docs/benchmarks_search_rows.md]
@@ -38,9 +39,10 @@ DEFAULT_OUT = Path("docs/benchmarks_search_rows.md")
 UPSTREAM = ("importance", "gen-space", "train-supernet")
 
 
-def capped_recipe(path: Path, rows: int) -> Recipe:
-    return load_recipe(path / "recipe.yaml", [f"output_dir={path / 'bench'}", f"name=rows-{rows}",
-                                              f"search.max_eval_samples={rows}"])
+def capped_recipe(path: Path, rows: int | None) -> Recipe:
+    """The run's recipe with the search reading its first `rows` search rows (None: all of them)."""
+    return load_recipe(path / "recipe.yaml", [f"output_dir={path / 'bench'}", f"name=rows-{rows or 'all'}",
+                                              f"search.max_eval_samples={'null' if rows is None else rows}"])
 
 
 def upstream_outputs(manifest: dict) -> dict:
@@ -48,9 +50,9 @@ def upstream_outputs(manifest: dict) -> dict:
     return {stage: (manifest["stages"].get(stage) or {}).get("outputs") for stage in UPSTREAM}
 
 
-def capped_search(run: RunDir, rows: int) -> Recipe:
-    """The run's search again, reading only its first `rows` search rows (kept while the run's
-    super-network is the one it searched)."""
+def capped_search(run: RunDir, rows: int | None) -> Recipe:
+    """The run's search again, reading only its first `rows` search rows, or all of them for None
+    (kept while the run's super-network is the one it searched)."""
     recipe = capped_recipe(run.path, rows)
     copy, manifest = RunDir(recipe), run.manifest()
     if upstream_outputs(copy.manifest()) != upstream_outputs(manifest):  # no manifest reads as no stages
@@ -66,10 +68,13 @@ def capped_search(run: RunDir, rows: int) -> Recipe:
 def bench_run(path: Path, args) -> dict:
     recipe = load_recipe(path / "recipe.yaml", [])
     run = RunDir(recipe)
-    searches = {"all": (artifacts.load_pareto(run, by=BY), run.record("search")["wall_time_s"])}
-    for rows in args.rows:
-        capped = RunDir(capped_search(run, rows))
-        searches[str(rows)] = (artifacts.load_pareto(capped, by=BY), capped.record("search")["wall_time_s"])
+    # The run's own search may be capped itself (search.max_eval_samples has a default): the full
+    # search runs in a copy too.
+    searches = {}
+    for rows in [None, *args.rows]:
+        searched = RunDir(capped_search(run, rows))
+        searches["all" if rows is None else str(rows)] = (artifacts.load_pareto(searched, by=BY),
+                                                          searched.record("search")["wall_time_s"])
     data = recipe_task_data(recipe, load_tokenizer(recipe.model.name))
     unread = data.search.select(range(max(args.rows), len(data.search)))
     supernet = Supernet.load(run, data.spec, by=BY)

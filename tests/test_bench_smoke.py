@@ -98,6 +98,9 @@ def test_bench_quality_smoke(tmp_path):
     assert [row[0] for row in table] == ["0.6", "search wall time"]
     capped = json.loads((tmp_path / "runs" / "mrpc-s1" / "bench" / "rows-4" / "search" / "pareto.json").read_text())
     assert capped["eval_rows"] == 4  # the capped search read 4 rows, the scores the other 4
+    # The full search runs in a copy too, with every search row, whatever the run's own search read.
+    full = json.loads((tmp_path / "runs" / "mrpc-s1" / "bench" / "rows-all" / "search" / "pareto.json").read_text())
+    assert full["eval_rows"] == 8
     assert "each reads 4 search rows of 8 (search.max_eval_samples)" in rows.stdout + rows.stderr
     assert json.loads((tmp_path / "rows.json").read_text())["runs"][0]["unread_rows"] == 4
     # A copy of another super-network than the run's (the run retrained since) is made again.
