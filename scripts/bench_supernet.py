@@ -5,10 +5,13 @@ Every variant is the recipe (default configs/quickstart.yaml) plus a few overrid
 (`<run-root>/<task>-<variant>-s<seed>`), all sharing one fine-tuned teacher. A variant is scored by
 the search's choice per budget on the search rows (held out of the train split: no stage
 trains on them, and the validation split is never read here), mean ± sd over seeds, with the
-super-network's training wall time beside it. A second table reads each super-network without the
-search's selection noise: the mean score of a fixed panel of random subnets in each budget's MACs
-band (the same subnets for every variant of a seed, whose spaces are identical). Finished runs are kept, so a re-run only does what is
-missing (the bench can be spread over several sittings). Writes a markdown report and its JSON.
+super-network's training wall time beside it. Where the search reads only the first
+`search.max_eval_samples` search rows (SST-2), a second table scores the same choices on the rows it
+did not read, free of the selection's optimism, with each variant's paired difference from the first.
+A last table reads each super-network without the search's selection noise: the mean score of a
+fixed panel of random subnets in each budget's MACs band (the same subnets for every variant of a
+seed, whose spaces are identical). Finished runs are kept, so a re-run only does what is missing
+(the bench can be spread over several sittings). Writes a markdown report and its JSON.
 
     python scripts/bench_supernet.py [--task mrpc] [--seeds 0 1] [--variants ...] [--budgets 0.5 0.35]
         [--recipe configs/quickstart.yaml] [--run-root runs/ablation] [--out docs/benchmarks_supernet.md]
@@ -26,7 +29,7 @@ from pathlib import Path
 import _bench_common as common
 import numpy as np
 
-from eftnas_cli import artifacts
+from eftnas_cli import artifacts, elastic
 from eftnas_cli.data import recipe_task_data
 from eftnas_cli.models import best_device, load_tokenizer
 from eftnas_cli.recipe import load_recipe
@@ -40,6 +43,7 @@ DEFAULT_OUT = Path("docs/benchmarks_supernet.md")
 BY = "bench_supernet.py"
 PANEL_SIZE = 8  # random subnets per budget band
 PANEL_SEED = 1234
+PANEL_ROWS = 2000  # the first search rows each panel subnet reads (SST-2 has 6,735)
 PANEL_FILE = "bench_panel.json"  # in the run directory, kept while its super-network is unchanged
 
 # Variant name -> recipe overrides (on top of the recipe and the command line's).
@@ -49,6 +53,7 @@ VARIANTS = {
     "pretrained": ["supernet.start_from=pretrained"],
     "cosine": ["supernet.lr_scheduler=cosine", "supernet.warmup=0"],
     "lr-3e-5": ["supernet.learning_rate=3.0e-5"],
+    "random-0": ["supernet.num_random_subnets=0"],
     "random-2": ["supernet.num_random_subnets=2"],
     "spread": ["supernet.random_subnets=spread"],
     "epochs-x2": [],  # filled in from the recipe's epochs
@@ -75,24 +80,60 @@ def budget_bands(budgets: list[float]) -> list[tuple[float, float]]:
     return list(zip([0.0, *ascending[:-1]], ascending))
 
 
-def panel_scores(recipe, run: RunDir, budgets: list[float]) -> dict[str, float | None]:
-    """Mean search-row score of PANEL_SIZE random subnets (`sample_spread`, a fixed seed) in each
-    budget's MACs band; None where the space has no subnet in a band."""
-    supernet_record = run.record("train-supernet")["outputs"]
-    cache = run.path / PANEL_FILE
+class LoadedRun:
+    """A finished run's search rows and super-network, loaded once and only when a score is missing."""
+
+    def __init__(self, recipe, run: RunDir):
+        self.recipe, self.run = recipe, run
+        self._loaded = None
+
+    def load(self):
+        if self._loaded is None:
+            data = recipe_task_data(self.recipe, load_tokenizer(self.recipe.model.name))
+            supernet = Supernet.load(self.run, data.spec, by=BY).to(best_device(self.recipe.device))
+            self._loaded = data, supernet
+        return self._loaded
+
+    def score(self, subnet: elastic.Subnet, rows) -> float:
+        data, supernet = self.load()
+        return supernet.evaluate(subnet, rows, data, self.recipe.search.eval_batch_size)["score"]
+
+
+def panel_scores(loaded: LoadedRun, budgets: list[float]) -> dict[str, float | None]:
+    """Mean score of PANEL_SIZE random subnets (`sample_spread`, a fixed seed) on the first PANEL_ROWS
+    search rows in each budget's MACs band; None where the space has no subnet in a band."""
+    supernet_record = loaded.run.record("train-supernet")["outputs"]
+    cache = loaded.run.path / PANEL_FILE
+    settings = {"supernet": supernet_record, "budgets": budgets, "size": PANEL_SIZE, "rows": PANEL_ROWS}
     if cache.is_file():
         kept = json.loads(cache.read_text())
-        if kept["supernet"] == supernet_record and kept["budgets"] == budgets and kept["size"] == PANEL_SIZE:
+        if {key: kept.get(key) for key in settings} == settings:
             return kept["scores"]
-    data = recipe_task_data(recipe, load_tokenizer(recipe.model.name))
-    supernet = Supernet.load(run, data.spec, by=BY).to(best_device(recipe.device))
+    data, supernet = loaded.load()
+    rows = data.search.select(range(min(len(data.search), PANEL_ROWS)))
     generator, full, scores = np.random.default_rng(PANEL_SEED), supernet.full_macs, {}
     for low, high in budget_bands(budgets):
         panel = supernet.spread_within(generator, low * full, high * full, PANEL_SIZE, 200 * PANEL_SIZE)
-        values = [supernet.evaluate(subnet, data.search, data)["score"] for subnet in panel]
+        values = [loaded.score(subnet, rows) for subnet in panel]
         scores[f"{high:g}"] = statistics.mean(values) if values else None
-    write_json(cache, {"supernet": supernet_record, "budgets": budgets, "size": PANEL_SIZE, "scores": scores})
+    write_json(cache, {**settings, "scores": scores})
     return scores
+
+
+def unread_scores(loaded: LoadedRun, pareto: artifacts.ParetoRecord, budgets: list[float]) -> tuple[int, dict]:
+    """(rows, scores): each budget's choice scored on the search rows the search did not read
+    (`search.max_eval_samples`), a score its own selection did not inflate; (0, {}) where it read them all."""
+    data, _ = loaded.load()
+    if pareto.eval_rows >= len(data.search):
+        return 0, {}
+    unread = data.search.select(range(pareto.eval_rows, len(data.search)))
+    by_trial = {trial["trial"]: trial for trial in pareto.trials}
+    scores = {}
+    for budget in budgets:
+        chosen = pareto.best(budget)
+        if chosen is not None:
+            scores[f"{budget:g}"] = loaded.score(elastic.Subnet.from_dict(by_trial[chosen["trial"]]["subnet"]), unread)
+    return len(unread), scores
 
 
 def run_variant(args, variant: str, seed: int, teacher: str) -> dict:
@@ -106,11 +147,14 @@ def run_variant(args, variant: str, seed: int, teacher: str) -> dict:
     run = RunDir(recipe)
     pareto = artifacts.load_pareto(run, by=BY)
     walls = {stage: record["wall_time_s"] for stage, record in run.manifest()["stages"].items()}
+    loaded = LoadedRun(recipe, run)
+    unread_rows, unread = unread_scores(loaded, pareto, args.budgets)
     return {
         "variant": variant, "seed": seed, "overrides": variant_overrides(variant, base.supernet.epochs),
         "search_rows": pareto.eval_rows, "teacher_score": pareto.teacher["score"],
         "best": {f"{b:g}": (pareto.best(b) or {}).get("score") for b in args.budgets},
-        "panel": panel_scores(recipe, run, args.budgets),
+        "unread_rows": unread_rows, "unread": unread,
+        "panel": panel_scores(loaded, args.budgets),
         "supernet_wall_s": walls.get("train-supernet"), "search_wall_s": walls.get("search"),
     }
 
@@ -146,17 +190,54 @@ def render(results: list[dict], args, header: dict) -> str:
         "",
         *common.provenance_lines(header),
         "",
-        f"Score = the search's best subnet within each MACs budget, on {results[0]['search_rows']} search rows held "
-        f"out of the train split (the teacher scores {teacher} there), mean ± sd over seeds. The validation split "
-        "is not read: these figures choose the defaults, `docs/benchmarks.md` reports the chosen ones.",
+        f"Score = the search's best subnet within each MACs budget, on the {results[0]['search_rows']} search rows "
+        f"it read (held out of the train split; the teacher scores {teacher} there), mean ± sd over seeds. The "
+        "validation split is not read: these figures choose the defaults, `docs/benchmarks.md` reports the chosen ones.",
         "",
         table,
+        *unread_section(results, args),
         "",
-        f"Mean score of a fixed panel of {PANEL_SIZE} random subnets (`sample_spread`) per MACs band, on the same "
-        "search rows, mean ± sd over seeds: the super-network's quality in each band without the search's choice.",
+        f"Mean score of a fixed panel of {PANEL_SIZE} random subnets (`sample_spread`) per MACs band, on the first "
+        f"{PANEL_ROWS} search rows at most, mean ± sd over seeds: the super-network's quality in each band without "
+        "the search's choice.",
         "",
         panel,
     ]) + "\n"
+
+
+def unread_section(results: list[dict], args) -> list[str]:
+    """The choices scored on the search rows the search did not read, each variant also as its paired
+    difference from the first variant (same seeds); nothing where the search read every row."""
+    if not any(r.get("unread") for r in results):
+        return []
+    budgets = [f"{b:g}" for b in args.budgets]
+    reference = args.variants[0]
+    by_key = {(r["variant"], r["seed"]): r for r in results}
+    rows = []
+    for variant in args.variants:
+        cells = [r for r in results if r["variant"] == variant and r.get("unread")]
+        if not cells:
+            continue
+        row = [variant, str(len(cells))]
+        for budget in budgets:
+            scores = [100 * c["unread"][budget] for c in cells if budget in c["unread"]]
+            paired = [100 * (c["unread"][budget] - base["unread"][budget]) for c in cells
+                      if (base := by_key.get((reference, c["seed"]))) and budget in c["unread"] and budget in base["unread"]]
+            cell = common.mean_sd(scores) if scores else "-"
+            if variant != reference and paired:
+                cell += f" ({common.mean_sd(paired, signed=True)})"
+            row.append(cell)
+        row.append(common.format_duration(statistics.mean(c["search_wall_s"] for c in cells)))
+        rows.append(row)
+    return [
+        "",
+        f"The same choices scored on the {results[0]['unread_rows']} search rows the search did not read "
+        f"(`search.max_eval_samples`): no selection inflates these. In brackets, the paired difference from "
+        f"`{reference}` (same seeds), in points.",
+        "",
+        common.markdown_table(["variant", "seeds", *(f"choice @ {b} (unread rows)" for b in budgets), "search wall time"],
+                              rows, align="lr" + "r" * len(budgets) + "r"),
+    ]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -239,3 +239,20 @@ def test_run_reading_benchmarks_refuse_a_folder_that_is_no_run(tmp_path):
         assert result.returncode == 2, said
         assert "recipe file not found" in said and "Traceback" not in said, said
         assert not (tmp_path / "report.md").exists()
+
+
+def test_supernet_ablation_pairs_unread_row_scores_with_the_first_variant(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import bench_supernet
+
+    args = bench_supernet.parse_args(["--variants", "recipe", "random-0", "--budgets", "0.5"])
+
+    def result(variant, seed, score):
+        return {"variant": variant, "seed": seed, "unread_rows": 100, "unread": {"0.5": score}, "search_wall_s": 60.0}
+
+    results = [result("recipe", 0, 0.80), result("random-0", 0, 0.83), result("recipe", 1, 0.90), result("random-0", 1, 0.92)]
+    table = table_with_header("\n".join(bench_supernet.unread_section(results, args)), "variant")
+    assert table[1][:3] == ["recipe", "2", "85.00 ± 7.07"]
+    assert table[2][:3] == ["random-0", "2", "87.50 ± 6.36 (+2.50 ± 0.71)"]  # seed by seed: +3 and +2
+    # A search that read every search row leaves nothing to score on unread rows: no table.
+    assert bench_supernet.unread_section([{**r, "unread": {}, "unread_rows": 0} for r in results], args) == []
