@@ -26,7 +26,7 @@ markdown report (default docs/benchmarks.md) rendered from its JSON (docs/benchm
 with a top-level `summary` list), and prints the targets.
 
     python scripts/bench_quality.py [--tasks mrpc sst2] [--seeds 0 1 2] [--budgets 0.5 0.35]
-        [--extra-budgets 0.7 0.25] [--train-samples TASK=N ...] [--device cpu|cuda] [--recipe FILE]
+        [--extra-budgets 0.7 0.25] [--train-samples TASK=N ...] [--remeasure METHOD ...] [--device cpu|cuda] [--recipe FILE]
         [--run-root runs/bench] [--out docs/benchmarks.md] [--smoke] [key=value ...]
 
 Trailing key=value arguments override the recipe (after the bench's own settings). `--smoke`
@@ -303,7 +303,8 @@ def bench_task(task: str, args: argparse.Namespace, store: CellStore, device: to
         wanted = {(method, budget): (CellStore.key(task, seed, method, budget),
                                      fingerprint(recipe, teacher_recipe, method, budget, args.polish_epochs))
                   for method, budget in cell_plan(args)}
-        found = {cell_key: store.get(*wanted[cell_key]) for cell_key in wanted}
+        # --remeasure: the cells of those methods are measured again in this sitting, whatever is kept.
+        found = {cell_key: None if cell_key[0] in args.remeasure else store.get(*wanted[cell_key]) for cell_key in wanted}
         if any(value is None for value in found.values()) or facts is None:
             if not teacher_run.is_current("finetune"):
                 console.rule(f"[bold]teacher[/bold] ({task})")
@@ -549,6 +550,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"train rows per task (default {DEFAULT_TRAIN_SAMPLES}; N=all for the whole split)")
     parser.add_argument("--polish-epochs", type=float, default=1.0,
                         help="KD fine-tune epochs of eftnas's subnets (eftnas + polish); 0 skips that method")
+    parser.add_argument("--remeasure", nargs="+", default=[], choices=[m for m in METHODS if m != "teacher"],
+                        metavar="METHOD", help="measure these methods' cells again even where a kept cell is current, "
+                        "e.g. `--remeasure b` to compare training wall times taken in one sitting on one machine")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--out", type=Path, default=None, help=f"markdown report (default {DEFAULT_OUT})")
     parser.add_argument("--run-root", type=Path, default=None,

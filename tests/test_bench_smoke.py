@@ -131,6 +131,12 @@ def test_bench_quality_smoke(tmp_path):
     assert again.returncode == 0, again.stdout + again.stderr
     assert "measuring" not in again.stdout + again.stderr and "eftnas pipeline" not in again.stdout + again.stderr
     assert json.loads((tmp_path / "benchmarks_quality.json").read_text())["summary"] == results["summary"]
+    # --remeasure measures the named method's cells again, and only those.
+    remeasured = run_script("bench_quality.py", "--smoke", "--out", out, "--run-root", tmp_path / "runs", "--remeasure", "b")
+    assert remeasured.returncode == 0, remeasured.stdout + remeasured.stderr
+    said = (remeasured.stdout + remeasured.stderr).splitlines()
+    measured = {line.split(":")[0] for line in said if line.rstrip().endswith(": measuring")}
+    assert measured == {"mrpc/s0/b/0.6", "mrpc/s1/b/0.6"}
 
 
 def test_bench_speed_smoke(tmp_path):
