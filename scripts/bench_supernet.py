@@ -45,6 +45,7 @@ PANEL_SIZE = 8  # random subnets per budget band
 PANEL_SEED = 1234
 PANEL_ROWS = 2000  # the first search rows each panel subnet reads (SST-2 has 6,735)
 PANEL_FILE = "bench_panel.json"  # in the run directory, kept while its super-network is unchanged
+UNREAD_FILE = "bench_unread.json"  # in the run directory, kept while its super-network and search are unchanged
 
 # Variant name -> recipe overrides (on top of the recipe and the command line's).
 VARIANTS = {
@@ -99,41 +100,55 @@ class LoadedRun:
         return supernet.evaluate(subnet, rows, data, self.recipe.search.eval_batch_size)["score"]
 
 
+def cached(loaded: LoadedRun, file: str, settings: dict, compute):
+    """`compute()`'s value, kept in the run directory's `file` while `settings` (what decides the
+    value: the super-network's and the search's output hashes, budgets...) are unchanged."""
+    cache = loaded.run.path / file
+    if cache.is_file():
+        kept = json.loads(cache.read_text())
+        if {key: kept.get(key) for key in settings} == settings and "value" in kept:
+            return kept["value"]
+    value = compute()
+    write_json(cache, {**settings, "value": value})
+    return value
+
+
 def panel_scores(loaded: LoadedRun, budgets: list[float]) -> dict[str, float | None]:
     """Mean score of PANEL_SIZE random subnets (`sample_spread`, a fixed seed) on the first PANEL_ROWS
     search rows in each budget's MACs band; None where the space has no subnet in a band."""
-    supernet_record = loaded.run.record("train-supernet")["outputs"]
-    cache = loaded.run.path / PANEL_FILE
-    settings = {"supernet": supernet_record, "budgets": budgets, "size": PANEL_SIZE, "rows": PANEL_ROWS}
-    if cache.is_file():
-        kept = json.loads(cache.read_text())
-        if {key: kept.get(key) for key in settings} == settings:
-            return kept["scores"]
-    data, supernet = loaded.load()
-    rows = data.search.select(range(min(len(data.search), PANEL_ROWS)))
-    generator, full, scores = np.random.default_rng(PANEL_SEED), supernet.full_macs, {}
-    for low, high in budget_bands(budgets):
-        panel = supernet.spread_within(generator, low * full, high * full, PANEL_SIZE, 200 * PANEL_SIZE)
-        values = [loaded.score(subnet, rows) for subnet in panel]
-        scores[f"{high:g}"] = statistics.mean(values) if values else None
-    write_json(cache, {**settings, "scores": scores})
-    return scores
+
+    def compute() -> dict[str, float | None]:
+        data, supernet = loaded.load()
+        rows = data.search.select(range(min(len(data.search), PANEL_ROWS)))
+        generator, full, scores = np.random.default_rng(PANEL_SEED), supernet.full_macs, {}
+        for low, high in budget_bands(budgets):
+            panel = supernet.spread_within(generator, low * full, high * full, PANEL_SIZE, 200 * PANEL_SIZE)
+            values = [loaded.score(subnet, rows) for subnet in panel]
+            scores[f"{high:g}"] = statistics.mean(values) if values else None
+        return scores
+
+    settings = {"supernet": loaded.run.record("train-supernet")["outputs"], "budgets": budgets,
+                "size": PANEL_SIZE, "rows": PANEL_ROWS}
+    return cached(loaded, PANEL_FILE, settings, compute)
 
 
-def unread_scores(loaded: LoadedRun, pareto: artifacts.ParetoRecord, budgets: list[float]) -> tuple[int, dict]:
-    """(rows, scores): each budget's choice scored on the search rows the search did not read
-    (`search.max_eval_samples`), a score its own selection did not inflate; (0, {}) where it read them all."""
-    data, _ = loaded.load()
-    if pareto.eval_rows >= len(data.search):
-        return 0, {}
-    unread = data.search.select(range(pareto.eval_rows, len(data.search)))
-    by_trial = {trial["trial"]: trial for trial in pareto.trials}
-    scores = {}
-    for budget in budgets:
-        chosen = pareto.best(budget)
-        if chosen is not None:
-            scores[f"{budget:g}"] = loaded.score(elastic.Subnet.from_dict(by_trial[chosen["trial"]]["subnet"]), unread)
-    return len(unread), scores
+def unread_scores(loaded: LoadedRun, pareto: artifacts.ParetoRecord, budgets: list[float]) -> dict:
+    """{"rows", "scores"}: each budget's choice scored on the search rows the search did not read
+    (`search.max_eval_samples`), a score its own selection did not inflate; no rows where it read them all."""
+
+    def compute() -> dict:
+        data, _ = loaded.load()
+        if pareto.eval_rows >= len(data.search):
+            return {"rows": 0, "scores": {}}
+        unread = data.search.select(range(pareto.eval_rows, len(data.search)))
+        by_trial = {trial["trial"]: trial for trial in pareto.trials}
+        scores = {f"{budget:g}": loaded.score(elastic.Subnet.from_dict(by_trial[chosen["trial"]]["subnet"]), unread)
+                  for budget in budgets if (chosen := pareto.best(budget)) is not None}
+        return {"rows": len(unread), "scores": scores}
+
+    settings = {"supernet": loaded.run.record("train-supernet")["outputs"],
+                "search": loaded.run.record("search")["outputs"], "budgets": budgets}
+    return cached(loaded, UNREAD_FILE, settings, compute)
 
 
 def run_variant(args, variant: str, seed: int, teacher: str) -> dict:
@@ -148,12 +163,12 @@ def run_variant(args, variant: str, seed: int, teacher: str) -> dict:
     pareto = artifacts.load_pareto(run, by=BY)
     walls = {stage: record["wall_time_s"] for stage, record in run.manifest()["stages"].items()}
     loaded = LoadedRun(recipe, run)
-    unread_rows, unread = unread_scores(loaded, pareto, args.budgets)
+    unread = unread_scores(loaded, pareto, args.budgets)
     return {
         "variant": variant, "seed": seed, "overrides": variant_overrides(variant, base.supernet.epochs),
         "search_rows": pareto.eval_rows, "teacher_score": pareto.teacher["score"],
         "best": {f"{b:g}": (pareto.best(b) or {}).get("score") for b in args.budgets},
-        "unread_rows": unread_rows, "unread": unread,
+        "unread_rows": unread["rows"], "unread": unread["scores"],
         "panel": panel_scores(loaded, args.budgets),
         "supernet_wall_s": walls.get("train-supernet"), "search_wall_s": walls.get("search"),
     }
