@@ -146,21 +146,31 @@ def report_over_runs(args, bench_run, render) -> int:
     """`bench_run(path, args)` for each --run; `render(results, args, provenance)` written to --out and
     printed, the results in JSON beside it. A run that is not one (no recipe, no search) is one red
     line and exit code 2."""
-    from eftnas_cli.errors import EftnasError
     from eftnas_cli.rundir import write_json
+
+    def report() -> int:
+        results = [bench_run(path, args) for path in args.run]
+        record = provenance("cpu", {"runs": ", ".join(str(path) for path in args.run)})
+        text = render(results, args, record)
+        write_report(args.out, text)
+        write_json(args.out.with_suffix(".json"), {"provenance": record, "runs": results})
+        print(text)
+        return 0
+
+    return user_errors_in_one_line(report)
+
+
+def user_errors_in_one_line(call) -> int:
+    """`call()`'s exit code; a user error (a recipe, input or upstream stage to fix) is one red line
+    and exit code 2 instead of a traceback."""
+    from eftnas_cli.errors import EftnasError
     from eftnas_cli.ui import console
 
     try:
-        results = [bench_run(path, args) for path in args.run]
+        return call()
     except EftnasError as error:
         console.print(f"[red]error:[/red] {error}", soft_wrap=True)
         return 2
-    record = provenance("cpu", {"runs": ", ".join(str(path) for path in args.run)})
-    report = render(results, args, record)
-    write_report(args.out, report)
-    write_json(args.out.with_suffix(".json"), {"provenance": record, "runs": results})
-    print(report)
-    return 0
 
 
 def mean_sd(values: list[float], signed: bool = False) -> str:
@@ -220,14 +230,10 @@ def main_with_smoke(args, run, smoke_prefix: str) -> int:
     A user error is one red line and exit code 2."""
     import tempfile
 
-    from eftnas_cli.errors import EftnasError
-    from eftnas_cli.ui import console
-
-    try:
+    def call() -> int:
         if not args.smoke:
             return run(args, None)
         with tempfile.TemporaryDirectory(prefix=smoke_prefix) as scratch:
             return run(args, Path(scratch))
-    except EftnasError as error:
-        console.print(f"[red]error:[/red] {error}", soft_wrap=True)
-        return 2
+
+    return user_errors_in_one_line(call)

@@ -257,19 +257,28 @@ def unread_section(results: list[dict], args) -> list[str]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--task", default="mrpc")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.35])
-    parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE)
-    parser.add_argument("--run-root", type=Path, default=Path("runs/ablation"))
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--task", default="mrpc", help="the GLUE task every variant trains and searches")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="one run per variant and seed")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="super-network settings to compare (the first is the reference of the paired differences): "
+                        + "; ".join(f"{name}: {' '.join(changes) or 'the recipe'}" for name, changes in VARIANTS.items()
+                                    if name != "epochs-x2") + "; epochs-x2: twice the recipe's supernet.epochs")
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.35],
+                        help="MACs budgets (fractions of the dense encoder) whose choices are compared")
+    parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE, help="the recipe every variant derives from")
+    parser.add_argument("--run-root", type=Path, default=Path("runs/ablation"),
+                        help="where the runs go (<task>-<variant>-s<seed>, and the shared <task>-teacher)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown report; its JSON goes beside it")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides for every variant")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    return common.user_errors_in_one_line(lambda: run(args))
+
+
+def run(args) -> int:
     json_path = args.out.with_suffix(".json")
     teacher = teacher_run(args)
     device = best_device(load_recipe(args.recipe, args.overrides).device).type  # what the stages train on

@@ -262,3 +262,11 @@ def test_supernet_ablation_pairs_unread_row_scores_with_the_first_variant(monkey
     assert table[2][:3] == ["random-0", "2", "87.50 ± 6.36 (+2.50 ± 0.71)"]  # seed by seed: +3 and +2
     # A search that read every search row leaves nothing to score on unread rows: no table.
     assert bench_supernet.unread_section([{**r, "unread": {}, "unread_rows": 0} for r in results], args) == []
+
+
+def test_supernet_ablation_bad_recipe_input_is_one_line(tmp_path):
+    result = run_script("bench_supernet.py", "--task", "no-such-task", "--out", tmp_path / "report.md")
+    said = result.stdout + result.stderr
+    assert result.returncode == 2, said
+    assert "task.name: unknown task 'no-such-task'" in said and "Traceback" not in said, said
+    assert not (tmp_path / "report.md").exists()
