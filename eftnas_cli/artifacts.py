@@ -142,6 +142,11 @@ class ParetoRecord:
     def teacher(self) -> dict:
         return self.data["teacher"]
 
+    @property
+    def mixed_precision(self) -> str:
+        """The precision the trials were measured in (a pareto.json written before the key: fp32)."""
+        return self.data.get("mixed_precision", "no")
+
     def best(self, budget: float) -> dict | None:
         """The search's choice for `budget`; a budget the search was not asked for gets the same
         rule (`choose_within_budget`) applied to the trials."""

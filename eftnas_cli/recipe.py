@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from eftnas_cli.errors import RecipeError, UnknownTaskError
 
@@ -74,6 +74,8 @@ class TaskSection(Section):
 
 
 LrScheduler = Literal["linear", "cosine", "constant"]
+# YAML reads a bare `no` as false: `mixed_precision: no` means "no" all the same.
+MixedPrecision = Annotated[Literal["auto", "no", "fp16", "bf16"], BeforeValidator(lambda value: "no" if value is False else value)]
 WARMUP_HELP = "fraction of the steps spent warming the lr up"
 
 
@@ -89,7 +91,7 @@ class TrainingSection(Section):
     warmup: float = Field(0.1, ge=0, lt=1, description=WARMUP_HELP)
     max_steps: int | None = Field(None, ge=1, description="caps the steps (tests, smoke runs)")
     lr_scheduler: LrScheduler = Field("linear", description="learning-rate decay")
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    mixed_precision: MixedPrecision = "auto"
     group_by_length: bool = Field(True, json_schema_extra={"before_it_existed": False}, description=(
         "batch training rows of similar length together (the Trainer's group_by_length sampling): "
         "less padding, e.g. MRPC pads its batches of 32 to 54 tokens a row instead of 80"))
@@ -211,6 +213,10 @@ class SearchSection(Section):
     tie_standard_errors: float = Field(0.5, ge=0, json_schema_extra={"before_it_existed": 0.0}, description=(
         "each budget's choice: the subnet of most MACs among those scoring within this many standard "
         "errors of the best score within the budget (0 = the best score, ties to more MACs)"))
+    mixed_precision: MixedPrecision = Field("auto", json_schema_extra={"before_it_existed": "no"}, description=(
+        "precision of the trials' forward passes. auto: half precision where the hardware computes it "
+        "natively (bf16, else fp16, on CUDA; bf16 on CPUs with AVX512-BF16 or AMX), fp32 elsewhere; "
+        "no: fp32. Export re-checks its models in the same precision"))
     latency: bool = Field(False, description="measure latency on this machine as a third objective")
     latency_batch_size: int = Field(1, ge=1)
     latency_seq_len: int = Field(128, ge=1)

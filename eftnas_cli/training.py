@@ -4,6 +4,7 @@ the `DistillationTrainer` (the super-network's `SandwichTrainer` and the KD base
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -29,13 +30,41 @@ from eftnas_cli.ui import console, progress
 NO_CHECKPOINTS = 10**9
 
 
+def _cuda_half() -> str:
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
 def _precision(section: TrainingSection, device: str) -> dict[str, bool]:
     choice = section.mixed_precision
     if choice == "auto":
         if device == "cpu" or not torch.cuda.is_available():
             return {}
-        choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        choice = _cuda_half()
     return {} if choice == "no" else {choice: True}
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX): elsewhere torch emulates bf16,
+    slower than fp32. The checks are private to torch, hence the fallback."""
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(check() for check in checks if check is not None)
+
+
+def inference_precision(choice: str, device: torch.device) -> str:
+    """What `mixed_precision: auto` (or an explicit choice) means for forward passes on `device`:
+    "bf16", "fp16" or "no"."""
+    if choice != "auto":
+        return choice
+    if device.type == "cuda":
+        return _cuda_half()
+    return "bf16" if device.type == "cpu" and cpu_computes_bf16() else "no"
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Forward passes in `precision` ("no": as the weights are, fp32)."""
+    if precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
 
 
 def per_process_batch(section: TrainingSection) -> int:

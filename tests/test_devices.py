@@ -13,7 +13,7 @@ from eftnas_cli.data import load_task_data
 from eftnas_cli.errors import RecipeError
 from eftnas_cli.models import load_model, load_tokenizer
 from eftnas_cli.recipe import SupernetSection, load_recipe
-from eftnas_cli.training import DistillationTrainer, per_process_batch, training_arguments
+from eftnas_cli.training import DistillationTrainer, inference_precision, per_process_batch, training_arguments
 
 
 def test_batch_size_is_the_global_batch(monkeypatch):
@@ -28,6 +28,29 @@ def test_batch_size_is_the_global_batch(monkeypatch):
 def test_cpu_trains_in_fp32_without_pinned_memory(tmp_path):
     args = training_arguments(SupernetSection(), tmp_path, seed=0, device="cpu")
     assert not (args.bf16 or args.fp16) and not args.dataloader_pin_memory and args.use_cpu
+
+
+def test_search_precision_auto_is_half_only_where_the_hardware_computes_it(monkeypatch):
+    from eftnas_cli import training
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(training, "cpu_computes_bf16", lambda: True)
+    assert inference_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(training, "cpu_computes_bf16", lambda: False)  # emulated bf16 is slower than fp32
+    assert inference_precision("auto", cpu) == "no"
+    assert inference_precision("bf16", cpu) == "bf16" and inference_precision("no", cpu) == "no"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    assert inference_precision("auto", torch.device("cuda")) == "fp16"
+
+
+def test_mixed_precision_no_in_yaml_means_no(tmp_path):
+    """YAML reads a bare `no` as false; the recipe takes it for "no", in the search and the training sections."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text("search:\n  mixed_precision: no\nsupernet:\n  mixed_precision: no\n")
+    recipe = load_recipe(path, ["finetune.mixed_precision=no"])
+    assert recipe.search.mixed_precision == recipe.supernet.mixed_precision == recipe.finetune.mixed_precision == "no"
+    with pytest.raises(RecipeError, match="search.mixed_precision"):
+        load_recipe(path, ["search.mixed_precision=yes"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")

@@ -214,3 +214,32 @@ def test_after_nsga_ii_the_search_climbs_from_the_best_subnet_within_the_budget(
     for index in range(8, BUDGET):
         assert measured[index].user_attrs["macs"] <= 0.6 * space.full_macs
         assert any(neighbour in subnets[:index] for neighbour in space.neighbours(subnets[index])), index
+
+
+def test_a_half_precision_search_is_a_study_of_its_own_and_export_rechecks_in_its_precision(trained_run, tmp_path,
+                                                                                            monkeypatch):
+    """Trials measured in bf16 are not comparable with fp32 ones: each precision has its study, the
+    fp32 one under the name it had before the setting. Export re-checks an extracted subnet against
+    the search's record in the precision the record was measured in."""
+    from eftnas_cli.recipe import load_recipe
+    from eftnas_cli.stages import export as export_stage
+
+    recipe, run_dir = trained_run
+    overrides = [*copy_run(trained_run, tmp_path), *SEARCH]
+    run_copy = tmp_path / run_dir.name
+    storage = studies.open_storage(studies.default_storage_url(run_copy))
+    for precision in ("bf16", "no"):
+        result = CliRunner().invoke(app, ["search", str(recipe), *overrides, f"search.mixed_precision={precision}"])
+        assert result.exit_code == 0, result.output
+        assert json.loads((run_copy / "search" / "pareto.json").read_text())["mixed_precision"] == precision
+    names = sorted(summary.study_name for summary in optuna.get_all_study_summaries(storage))
+    assert len(names) == 2 and names[1] == names[0] + "-bf16", names
+
+    result = CliRunner().invoke(app, ["search", str(recipe), *overrides, "search.mixed_precision=bf16"])
+    assert result.exit_code == 0, result.output  # the bf16 study was done: its result is written again, not re-measured
+    rechecked = []
+    original = export_stage.autocast
+    monkeypatch.setattr(export_stage, "autocast", lambda precision, device: rechecked.append(precision) or original(precision, device))
+    export_stage.export(load_recipe(recipe, [*overrides, "export.onnx=false", "export.openvino=false", "export.int8=false",
+                                             "export.budgets=[0.6]"]))
+    assert rechecked == ["bf16"]

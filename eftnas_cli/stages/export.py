@@ -26,7 +26,7 @@ from eftnas_cli.recipe import ExportSection, Recipe
 from eftnas_cli.rundir import RunDir, holds_lock, write_json
 from eftnas_cli.supernet import Supernet
 from eftnas_cli.tasks import Task
-from eftnas_cli.training import distill, evaluate
+from eftnas_cli.training import autocast, distill, evaluate
 from eftnas_cli.ui import console, percent_of
 
 BY = "export"
@@ -115,7 +115,9 @@ def export(recipe: Recipe, budgets=None, trial: int | None = None, subnet_file: 
     chosen = choose_subnets(run, supernet, budgets or section.budgets, trial, subnet_file)
     device = best_device(recipe.device)
     split = data.main_eval
-    search_rows = artifacts.load_pareto(run, by=BY).eval_rows if run.record("search") else len(data.search)
+    # The re-check measures as the search did: its rows, its precision.
+    pareto = artifacts.load_pareto(run, by=BY) if run.record("search") else None
+    search_rows, search_precision = (pareto.eval_rows, pareto.mixed_precision) if pareto else (len(data.search), "no")
 
     teacher = load_model(teacher_dir, data.spec).to(device).eval()
     summary = {"teacher": {
@@ -141,7 +143,8 @@ def export(recipe: Recipe, budgets=None, trial: int | None = None, subnet_file: 
             exported = load_model(str(folder), data.spec).to(device).eval()
             if record is not None:
                 rows = data.search.select(range(min(search_rows, len(data.search))))
-                rechecked = evaluate(exported, rows, data.collator, data.spec)["score"]
+                with autocast(search_precision, device):
+                    rechecked = evaluate(exported, rows, data.collator, data.spec)["score"]
                 if abs(rechecked - record["score"]) > section.max_metric_drop:
                     raise RuntimeError(
                         f"{label}: exported model scores {rechecked:.4f}, the search recorded {record['score']:.4f}"

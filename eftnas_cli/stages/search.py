@@ -36,7 +36,7 @@ from eftnas_cli.plots import pareto_plot
 from eftnas_cli.recipe import Recipe, SearchSection
 from eftnas_cli.rundir import RunDir, write_json
 from eftnas_cli.supernet import Supernet
-from eftnas_cli.training import evaluate
+from eftnas_cli.training import autocast, evaluate, inference_precision
 from eftnas_cli.ui import console, percent_of, progress
 from eftnas_cli.workers import run_workers
 
@@ -60,19 +60,28 @@ WRITE_LOCK_WAIT_S = 120
 
 class SubnetEvaluator:
     """Measures subnets of the super-network on the search rows (held out of the train split, see
-    `task.search_fraction`); the first measure of a subnet's task metric is kept, so an objective
+    `task.search_fraction`), in the section's precision (`search.mixed_precision`, resolved for the
+    super-network's device); the first measure of a subnet's task metric is kept, so an objective
     that needs it again does not evaluate twice."""
 
     def __init__(self, supernet: Supernet, data: TaskData, section: SearchSection):
         self.supernet, self.data, self.section = supernet, data, section
         split = data.search
         self.rows = split.select(range(min(len(split), section.max_eval_samples or len(split))))
+        self.device = next(supernet.model.parameters()).device
+        self.precision = inference_precision(section.mixed_precision, self.device)
         self.metrics: dict[elastic.Subnet, dict[str, float]] = {}
 
     def task_metrics(self, subnet: elastic.Subnet) -> dict[str, float]:
         if subnet not in self.metrics:
-            self.metrics[subnet] = self.supernet.evaluate(subnet, self.rows, self.data, self.section.eval_batch_size)
+            with autocast(self.precision, self.device):
+                self.metrics[subnet] = self.supernet.evaluate(subnet, self.rows, self.data, self.section.eval_batch_size)
         return self.metrics[subnet]
+
+    def model_metrics(self, model) -> dict[str, float]:
+        """A dense model's task metrics measured like the trials' (the teacher's record)."""
+        with autocast(self.precision, self.device):
+            return evaluate(model.to(self.device), self.rows, self.data.collator, self.data.spec, self.section.eval_batch_size)
 
     def latency_ms(self, subnet: elastic.Subnet) -> float:
         from eftnas_cli.deploy import model_input_names
@@ -264,11 +273,13 @@ class Searcher:
         return min(self.recipe.search.trials, self.supernet.space.size())
 
     def study_name(self) -> str:
-        """Trials are only comparable for one super-network, set of evaluation rows and objectives."""
+        """Trials are only comparable for one super-network, set of evaluation rows, objectives and precision."""
         rows = self.evaluator.rows
         supernet_outputs = json.dumps(self.run.record("train-supernet")["outputs"], sort_keys=True)
         space_id = hashlib.sha256(f"{supernet_outputs}{rows._fingerprint}{len(rows)}".encode()).hexdigest()[:12]
         extra = "".join(f"-{o.name}" for o in self.objectives[2:])  # beyond the two every search has
+        if self.evaluator.precision != "no":  # fp32 studies keep the names they had before the setting
+            extra += f"-{self.evaluator.precision}"
         return f"{self.recipe.name}-{space_id}{extra}"
 
     def open_study(self, storage_url: str, shared: bool) -> optuna.Study:
@@ -372,10 +383,8 @@ class Searcher:
         """The teacher's record, measured by the first writer and kept in the study, so every
         writer's pareto.json reads the same figures."""
         if "teacher" not in study.user_attrs:
-            spec = self.data.spec
             teacher_dir = artifacts.teacher_folder(self.recipe, self.run, by=BY)
-            metrics = evaluate(load_model(teacher_dir, spec).to(self.device), self.evaluator.rows, self.data.collator, spec,
-                               self.recipe.search.eval_batch_size)
+            metrics = self.evaluator.model_metrics(load_model(teacher_dir, self.data.spec))
             full_macs = self.supernet.full_macs
             study.set_user_attr("teacher", {"score": metrics["score"], "metrics": metrics, "macs": full_macs,
                                             "gmacs": full_macs / 1e9})
@@ -399,6 +408,7 @@ class Searcher:
                 "objectives": {o.name: o.direction for o in objectives},
                 "eval_rows": len(self.evaluator.rows),
                 "eval_split": "search rows (held out of train)" if self.data.search_rows is not None else self.data.main_split,
+                "mixed_precision": self.evaluator.precision,
                 "full_macs": full_macs,
                 "teacher": teacher,
                 "front": sorted(front, key=lambda t: t["macs"]),
