@@ -142,10 +142,11 @@ CELL_VERSION = 2
 # the MACs range, then a climb per budget; 4: each budget's choice among near-tied subnets,
 # `search.tie_standard_errors`); cells of the methods that read its choice are measured again.
 SEARCH_VERSION = 4
+# The methods that read the search: the others leave the search section out of their fingerprints,
+# so trying another search keeps their cells ((c) reads the super-network, not the search).
 READ_THE_SEARCH = ("eftnas", "eftnas+polish")
-# What only the super-network's sandwich and the search read: the teacher and the baselines that
-# cut one fixed subnet ((a), (b), (d)) leave these settings out of their fingerprints, so trying
-# another sandwich or search keeps their cells.
+# What only the super-network's sandwich reads: the teacher and the baselines that cut one fixed
+# subnet ((a), (b), (d)) leave these settings out of their fingerprints.
 READ_THE_SUPERNET = ("eftnas", "eftnas+polish", "c")
 SANDWICH_KEYS = ("num_random_subnets", "random_subnets")
 # How the search's result is read, not what it measures: only the cells that read its choice see it
@@ -185,8 +186,9 @@ def fingerprint(recipe: Recipe, teacher_recipe: Recipe, method: str, budget: flo
     run["model"].pop("teacher", None)
     for key in CHOICE_KEYS:
         run["search"].pop(key)
-    if method not in READ_THE_SUPERNET:
+    if method not in READ_THE_SEARCH:
         del run["search"]
+    if method not in READ_THE_SUPERNET:
         for key in SANDWICH_KEYS:
             del run["supernet"][key]
     if method != "eftnas+polish":

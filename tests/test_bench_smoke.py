@@ -203,6 +203,7 @@ def test_cell_fingerprints_follow_what_each_method_reads(monkeypatch):
     sandwich, search, kd = recipe("supernet.random_subnets=spread"), recipe("search.trials=40"), recipe("supernet.epochs=3")
     for method in ("a", "b", "d"):  # one fixed subnet each: the sandwich and the search do not touch them
         assert fingerprint(sandwich, method) == fingerprint(search, method) == fingerprint(base, method)
+    assert fingerprint(search, "c") == fingerprint(base, "c")  # (c) reads the super-network, not the search
     assert fingerprint(kd, "b") != fingerprint(base, "b")  # (b) trains with the super-network's settings
     for method in ("eftnas", "eftnas+polish", "c"):
         assert fingerprint(sandwich, method) != fingerprint(base, method)
