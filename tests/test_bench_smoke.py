@@ -91,13 +91,16 @@ def test_bench_quality_smoke(tmp_path):
 
     # The scripts that choose defaults on a finished run's search rows.
     rows = run_script("bench_search_rows.py", "--run", tmp_path / "runs" / "mrpc-s1", "--rows", "4", "--budgets", "0.6",
-                      "--out", tmp_path / "rows.md")
+                      "--precisions", "no", "bf16", "--out", tmp_path / "rows.md")
     assert rows.returncode == 0, rows.stdout + rows.stderr
     header, *table = table_with_header(rows.stdout, "budget")
-    assert header[1:4] == ["all 8 rows", "4 rows", "4 − all"]
+    assert header[1:] == ["all 8 rows", "all 8 rows bf16", "4 rows", "4 rows bf16", "all-bf16 − all", "4 − all", "4-bf16 − all"]
     assert [row[0] for row in table] == ["0.6", "search wall time"]
     capped = json.loads((tmp_path / "runs" / "mrpc-s1" / "bench" / "rows-4" / "search" / "pareto.json").read_text())
     assert capped["eval_rows"] == 4  # the capped search read 4 rows, the scores the other 4
+    assert capped["mixed_precision"] == "no"
+    half = json.loads((tmp_path / "runs" / "mrpc-s1" / "bench" / "rows-4-bf16" / "search" / "pareto.json").read_text())
+    assert half["eval_rows"] == 4 and half["mixed_precision"] == "bf16"
     # The full search runs in a copy too, with every search row, whatever the run's own search read.
     full = json.loads((tmp_path / "runs" / "mrpc-s1" / "bench" / "rows-all" / "search" / "pareto.json").read_text())
     assert full["eval_rows"] == 8
