@@ -232,6 +232,7 @@ def test_a_half_precision_search_is_a_study_of_its_own_and_export_rechecks_in_it
         result = CliRunner().invoke(app, ["search", str(recipe), *overrides, f"search.mixed_precision={precision}"])
         assert result.exit_code == 0, result.output
         assert json.loads((run_copy / "search" / "pareto.json").read_text())["mixed_precision"] == precision
+        assert ("in bf16 (search.mixed_precision)" in " ".join(result.output.split())) == (precision == "bf16")
     names = sorted(summary.study_name for summary in optuna.get_all_study_summaries(storage))
     assert len(names) == 2 and names[1] == names[0] + "-bf16", names
 

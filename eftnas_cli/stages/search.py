@@ -325,6 +325,8 @@ class Searcher:
         state = studies.wait_for_budget(study, wanted, show)
         rows, held_out = len(self.evaluator.rows), len(self.data.search)
         reading = f"; each reads {rows} search rows" + (f" of {held_out} (search.max_eval_samples)" if rows < held_out else "")
+        if self.evaluator.precision != "no":
+            reading += f" in {self.evaluator.precision} (search.mixed_precision)"
         console.print((f"search: continuing the study, {len(state.complete)} of {wanted} subnets already evaluated"
                        if state.complete else f"search: starting a study of {wanted} subnets") + reading, soft_wrap=True)
         for budget, held in self.phases():
