@@ -204,9 +204,10 @@ class SearchSection(Section):
     # Validated when left at its default too: a larger population alone must be refused as well.
     trials: int = Field(200, ge=1, validate_default=True)
     budgets: list[float] = Field(default_factory=lambda: [0.5, 0.35], description="MACs fractions of the full model")
-    max_eval_samples: int | None = Field(2000, ge=1, description=(
+    max_eval_samples: int | None = Field(1000, ge=1, description=(
         "search rows each trial reads (the first of task.search_fraction's); null = all. On SST-2 "
-        "all 6,735 took the search 10.4 min, 2,000 took 3.0 (docs/benchmarks_search_rows.md)"))
+        "all 6,735 took the search 10.4 min, 2,000 took 3.0 and 1,000 1.6, choosing as well on the "
+        "rows none read (docs/benchmarks_search_rows.md, docs/benchmarks_search_precision.md)"))
     refine: float = Field(0.5, ge=0, lt=1, description=(
         "share of the trials spent, after NSGA-II, climbing from each budget's best subnet to its "
         "neighbours within the budget (split evenly among the budgets; 0 = NSGA-II only)"))
@@ -216,7 +217,9 @@ class SearchSection(Section):
     mixed_precision: MixedPrecision = Field("auto", json_schema_extra={"before_it_existed": "no"}, description=(
         "precision of the trials' forward passes. auto: half precision where the hardware computes it "
         "natively (bf16, else fp16, on CUDA; bf16 on CPUs with AVX512-BF16 or AMX), fp32 elsewhere; "
-        "no: fp32. Export re-checks its models in the same precision"))
+        "no: fp32. On SST-2, 2 CPU cores, bf16 took the search from 3.8 to 3.0 min at 2,000 rows and "
+        "from 1.9 to 1.4 min at 1,000, choosing as well (docs/benchmarks_search_precision.md). "
+        "Export re-checks its models in the same precision"))
     latency: bool = Field(False, description="measure latency on this machine as a third objective")
     latency_batch_size: int = Field(1, ge=1)
     latency_seq_len: int = Field(128, ge=1)
