@@ -92,8 +92,7 @@ class SubnetEvaluator:
                                   self.section.latency_seq_len, model.config.vocab_size)
         self.supernet.activate(subnet)
         try:
-            device = str(next(model.parameters()).device)
-            return torch_latency(model, features, runs=5, warmup=1, device=device).median_ms
+            return torch_latency(model, features, runs=5, warmup=1, device=str(self.device)).median_ms
         finally:
             self.supernet.activate(self.supernet.largest())
 
@@ -248,7 +247,6 @@ class Searcher:
     recipe: Recipe
     run: RunDir
     data: TaskData
-    device: str
     evaluator: SubnetEvaluator
     objectives: list[Objective]
 
@@ -258,9 +256,8 @@ class Searcher:
         Supernet.input_files(run, by=BY)  # first: the upstream stage a user most likely lacks
         artifacts.teacher_folder(recipe, run, by=BY)
         data = recipe_task_data(recipe, load_tokenizer(recipe.model.name))
-        device = best_device(recipe.device)
-        supernet = Supernet.load(run, data.spec, by=BY).to(device)
-        return cls(recipe, run, data, device, SubnetEvaluator(supernet, data, recipe.search), objectives_for(recipe.search))
+        supernet = Supernet.load(run, data.spec, by=BY).to(best_device(recipe.device))
+        return cls(recipe, run, data, SubnetEvaluator(supernet, data, recipe.search), objectives_for(recipe.search))
 
     @property
     def supernet(self) -> Supernet:
