@@ -250,7 +250,8 @@ class ExportSection(Section):
     latency_seq_len: int = Field(128, ge=1)
     finetune_epochs: float = Field(0.0, ge=0, description=(
         "polish: fine-tune each extracted subnet this many epochs with KD from the teacher (the "
-        "supernet section's settings), starting from the super-network's weights; 0 = none"))
+        "supernet section's settings), starting from the super-network's weights, and keep the weights "
+        "(before the polish or after one of its epochs) that score best on the search rows; 0 = none"))
 
     _budgets_in_range = field_validator("budgets")(_fractions_of_the_full_macs)
 

@@ -9,6 +9,7 @@ import json
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -370,26 +371,78 @@ class DistillationTrainer(TaskTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
+def _kd_trainer(student, teacher, data: TaskData, section: SupernetSection, scratch: Path, *, seed: int, device: str,
+                description: str, select_on=None) -> DistillationTrainer:
+    """A `DistillationTrainer` of `student` on the train rows, checkpointing into `scratch`; with
+    `select_on` rows it scores each epoch on them and ends on the best epoch's weights."""
+    student.requires_grad_(True)  # an extract copies the frozen flags of a frozen source
+    keep_best = {"main_metric": "score"} if select_on is not None else {"save_steps": NO_CHECKPOINTS}
+    return DistillationTrainer(
+        model=student,
+        args=training_arguments(section, scratch, seed, device=device, **keep_best),
+        train_dataset=data.train,
+        eval_dataset=select_on,
+        data_collator=data.collator,
+        callbacks=[RichProgress(description)],
+        teacher=teacher,
+        spec=data.spec,
+        distillation_weight=section.distillation_weight,
+        temperature=section.temperature,
+        hidden_weight=section.hidden_distillation_weight,
+    )
+
+
 def distill(student, teacher, data: TaskData, section: SupernetSection, *, seed: int, device: str,
             description: str) -> tuple[torch.nn.Module, float]:
     """`student` trained on the task's train rows with KD from `teacher` as `section` says (the
     super-network's settings: epochs, lr, batch, KD weights); returns it in eval mode and the
     training wall time in seconds. No checkpoints: the final weights are the result."""
-    student.requires_grad_(True)  # an extract copies the frozen flags of a frozen source
     with tempfile.TemporaryDirectory(prefix="eftnas-distill-") as scratch:
-        trainer = DistillationTrainer(
-            model=student,
-            args=training_arguments(section, Path(scratch), seed, device=device, save_steps=NO_CHECKPOINTS),
-            train_dataset=data.train,
-            data_collator=data.collator,
-            callbacks=[RichProgress(description)],
-            teacher=teacher,
-            spec=data.spec,
-            distillation_weight=section.distillation_weight,
-            temperature=section.temperature,
-            hidden_weight=section.hidden_distillation_weight,
-        )
+        trainer = _kd_trainer(student, teacher, data, section, Path(scratch), seed=seed, device=device,
+                              description=description)
         started = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - started
     return trainer.model.eval(), wall
+
+
+@dataclass
+class Polished:
+    """What `polish` returns: the model it kept and how it chose."""
+
+    model: torch.nn.Module
+    wall_s: float
+    start_score: float  # the student before the polish, on the selection rows
+    epoch_scores: list[float]  # after each epoch, on the same rows
+
+    @property
+    def kept_epoch(self) -> int:
+        """The epoch whose weights were kept; 0: the student's own, the polish having lowered its score."""
+        best = max(self.epoch_scores, default=float("-inf"))
+        return 0 if self.start_score > best else 1 + self.epoch_scores.index(best)
+
+    def to_dict(self) -> dict:
+        return {"start_score": self.start_score, "epoch_scores": self.epoch_scores, "kept_epoch": self.kept_epoch}
+
+
+def polish(student, teacher, data: TaskData, section: SupernetSection, rows, *, seed: int, device: str,
+           description: str) -> Polished:
+    """`distill`, scoring the student on `rows` (search rows: held out of training, not validation)
+    before it and after each epoch, and keeping the best of those weights. A short KD fine-tune of a
+    subnet the super-network already trained can lower its score (MRPC at 0.5 of the MACs did:
+    docs/benchmarks_polish.md); the polish then hands back the student as it came. Ties go to the
+    polished weights, since the search chose the student as the best on these very rows."""
+    student = student.to(best_device(device)).eval()
+    start_score = evaluate(student, rows, data.collator, data.spec, section.eval_batch_size)["score"]
+    start = {name: tensor.detach().clone() for name, tensor in student.state_dict().items()}
+    with tempfile.TemporaryDirectory(prefix="eftnas-polish-") as scratch:
+        trainer = _kd_trainer(student, teacher, data, section, Path(scratch), seed=seed, device=device,
+                              description=description, select_on=rows)
+        started = time.perf_counter()
+        trainer.train()  # ends on the best epoch's weights (load_best_model_at_end)
+        wall = time.perf_counter() - started
+    result = Polished(trainer.model.eval(), wall, start_score,
+                      [entry["eval_score"] for entry in trainer.state.log_history if "eval_score" in entry])
+    if result.kept_epoch == 0:
+        result.model.load_state_dict(start)
+    return result

@@ -14,7 +14,9 @@ budget) and four baselines cut to the same budgets (fractions of the dense encod
   (d) layer drop + KD         k evenly spaced layers of the teacher (DistilBERT-style), the largest
                               k that fits, fine-tuned like (b)
 
-and eftnas + polish: eftnas's subnet fine-tuned --polish-epochs with KD (`export.finetune_epochs`).
+and eftnas + polish: eftnas's subnet fine-tuned --polish-epochs with KD as `export.finetune_epochs`
+does it, keeping the weights (before the polish or after one of its epochs) that score best on the
+search rows the search read.
 
 eftnas is the search's choice per budget (`search.tie_standard_errors`), made on the search rows
 (held out of the train split); every model is evaluated once on the task's validation split. (b), (d) and the polish train
@@ -60,7 +62,7 @@ from eftnas_cli.stages.gen_space import space_pruner  # noqa: E402
 from eftnas_cli.stages.pipeline import run_pipeline  # noqa: E402
 from eftnas_cli.supernet import Supernet  # noqa: E402
 from eftnas_cli.tasks import TASKS  # noqa: E402
-from eftnas_cli.training import distill, evaluate  # noqa: E402
+from eftnas_cli.training import distill, evaluate, polish  # noqa: E402
 from eftnas_cli.ui import console  # noqa: E402
 
 DEFAULT_RECIPE = common.REPO_ROOT / "configs" / "quickstart.yaml"
@@ -142,6 +144,9 @@ CELL_VERSION = 2
 # the MACs range, then a climb per budget; 4: each budget's choice among near-tied subnets,
 # `search.tie_standard_errors`); cells of the methods that read its choice are measured again.
 SEARCH_VERSION = 4
+# Bump when the polish's code changes what it returns (2: the weights, before the polish or after
+# one of its epochs, that score best on the search rows the search read).
+POLISH_VERSION = 2
 # The methods that read the search: the others leave the search section out of their fingerprints,
 # so trying another search keeps their cells ((c) reads the super-network, not the search).
 READ_THE_SEARCH = ("eftnas", "eftnas+polish")
@@ -196,6 +201,8 @@ def fingerprint(recipe: Recipe, teacher_recipe: Recipe, method: str, budget: flo
     teacher = teacher_recipe.model_dump(mode="json", include=TEACHER_SECTIONS)
     decided = {"version": CELL_VERSION, "method": method, "budget": budget, "run": run, "teacher": teacher,
                "polish_epochs": polish_epochs if method == "eftnas+polish" else None}
+    if method == "eftnas+polish":
+        decided["polish_version"] = POLISH_VERSION
     if method in READ_THE_SEARCH:
         decided["search_version"] = SEARCH_VERSION
         decided["choice"] = {key: getattr(recipe.search, key) for key in CHOICE_KEYS}
@@ -223,9 +230,9 @@ def kd_train(context: SeedContext, student: torch.nn.Module, description: str, e
                    device=context.recipe.device, description=description)
 
 
-def kd_finetune(context: SeedContext, student: torch.nn.Module, description: str, epochs: float | None = None):
+def kd_finetune(context: SeedContext, student: torch.nn.Module, description: str):
     """`kd_train`, then the validation metrics and the training wall time."""
-    trained, wall = kd_train(context, student, description, epochs)
+    trained, wall = kd_train(context, student, description)
     return context.evaluate(trained), wall
 
 
@@ -248,8 +255,12 @@ def measure(context: SeedContext, method: str, budget: float) -> dict:
         walls = context.stage_walls()
         pipeline_wall = sum(walls.get(s, 0.0) for s in EFTNAS_STAGES)
         if method == "eftnas+polish":
-            metrics, wall = kd_finetune(context, supernet.extract(subnet), f"polish @ {budget:g}", context.polish_epochs)
-            return cell(context, method, budget, subnet, metrics, pipeline_wall + wall, polish_wall_s=wall)
+            section = context.recipe.supernet.model_copy(update={"epochs": context.polish_epochs, "max_steps": None})
+            rows = context.data.search.select(range(min(pareto.eval_rows, len(context.data.search))))
+            polished = polish(supernet.extract(subnet), context.teacher, context.data, section, rows,
+                              seed=context.recipe.seed, device=context.recipe.device, description=f"polish @ {budget:g}")
+            return cell(context, method, budget, subnet, context.evaluate(polished.model), pipeline_wall + polished.wall_s,
+                        polish_wall_s=polished.wall_s, polish=polished.to_dict())
         metrics = supernet.evaluate(subnet, context.data.main_eval, context.data, context.recipe.search.eval_batch_size)
         return cell(context, method, budget, subnet, metrics, pipeline_wall, search_score=best["score"],
                     search_rows_read=pareto.eval_rows, stage_walls=walls)
@@ -480,10 +491,13 @@ def compute_table(result: dict) -> str:
         polish = method == "eftnas+polish"
         wall_key, note = ("polish_wall_s", "one budget, on top of eftnas") if polish else ("train_wall_s", "one budget")
         for budget in sorted({c["budget"] for c in result["cells"] if c["method"] == method}, reverse=True):
-            walls = [c[wall_key] for c in result["cells"] if c["method"] == method and c["budget"] == budget
+            cells = [c for c in result["cells"] if c["method"] == method and c["budget"] == budget
                      and c.get(wall_key) is not None]
-            if walls:
-                rows.append([f"{METHODS[method]} @ {budget:g}", common.format_duration(statistics.mean(walls)), note])
+            if cells:
+                kept = [c["polish"]["kept_epoch"] for c in cells if "polish" in c]
+                choice = f"; kept the unpolished weights in {kept.count(0)} of {len(kept)} seeds (search rows)" if kept else ""
+                rows.append([f"{METHODS[method]} @ {budget:g}", common.format_duration(statistics.mean(c[wall_key] for c in cells)),
+                             note + choice])
     rows.append(["teacher (shared, once)", common.format_duration(result["teacher_wall_s"]), "finetune"])
     table = common.markdown_table(["what", "training wall time (mean over seeds)", "of which"], rows, align="lrl")
     devices = {}

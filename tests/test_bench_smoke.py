@@ -72,6 +72,8 @@ def test_bench_quality_smoke(tmp_path):
     targets = table_with_header(result.stdout, "scope")
     assert {row[3] for row in targets[1:]} <= {"met", "MISSED", "n/a"}
     assert any(row[1].startswith("eftnas training time") for row in targets[1:])
+    cost = {row[0]: row[2] for row in table_with_header(result.stdout, "what")[1:]}
+    assert "kept the unpolished weights in" in cost["eftnas + polish (KD fine-tune of the subnet) @ 0.6"]
 
     assert out.read_text() in result.stdout
     results = json.loads((tmp_path / "benchmarks_quality.json").read_text())
@@ -81,6 +83,9 @@ def test_bench_quality_smoke(tmp_path):
         ("teacher", 1.0), *((m, 0.8) for m in ("eftnas", "a", "c")),
         *((m, 0.6) for m in ("eftnas", "eftnas+polish", "a", "b", "c", "d"))}
     assert all(c["macs_ratio"] <= c["budget"] + 1e-9 for c in cells if c["macs_ratio"] is not None)
+    for polished in (c for c in cells if c["method"] == "eftnas+polish"):
+        scores = [polished["polish"]["start_score"], *polished["polish"]["epoch_scores"]]
+        assert scores[polished["polish"]["kept_epoch"]] == max(scores)
     summary = {(e["method"], e["budget"], e["metric"]): e for e in results["summary"]}
     entry = summary[("eftnas", 0.6, "accuracy")]
     assert entry["seeds"] == [0, 1] and entry["task"] == "mrpc"

@@ -9,10 +9,13 @@ import torch
 from typer.testing import CliRunner
 
 from eftnas_cli.cli import app
+from eftnas_cli.data import recipe_task_data
 from eftnas_cli.deploy import onnx_logits, openvino_logits
-from eftnas_cli.models import load_model
+from eftnas_cli.models import load_model, load_tokenizer
+from eftnas_cli.recipe import load_recipe
 from eftnas_cli.tasks import get_task
 from eftnas_cli.testing import export_beside_its_subnet, make_tiny_model, random_features, write_tiny_recipe
+from eftnas_cli.training import evaluate
 
 
 def invoke(*args):
@@ -140,3 +143,22 @@ def test_unknown_trial_is_a_user_error(finished_run):
     path, _, _ = finished_run
     result = CliRunner().invoke(app, ["export", str(path), "--trial", "999"])
     assert result.exit_code == 2 and "no completed search trial" in result.output
+
+
+def test_polish_keeps_the_weights_that_score_best_on_the_search_rows(finished_run, tmp_path):
+    path, run_dir, _ = finished_run
+    space = json.loads((run_dir / "space" / "search_space.json").read_text())
+    subnet_file = tmp_path / "polished.json"
+    subnet_file.write_text(json.dumps(space["targets"][0]["subnet"]))
+    invoke("export", path, "--subnet", subnet_file, "export.finetune_epochs=2", "export.onnx=false",
+           "export.openvino=false")
+    entry = json.loads((run_dir / "export" / "summary.json").read_text())["exports"]["polished"]
+    polish = entry["polish"]
+    assert len(polish["epoch_scores"]) == 2 and polish["rows"] > 0
+    recipe = load_recipe(path)
+    data = recipe_task_data(recipe, load_tokenizer(recipe.model.name))
+    rows = data.search.select(range(polish["rows"]))
+    exported = load_model(str(run_dir / "export" / "polished"), data.spec).eval()
+    scores = [polish["start_score"], *polish["epoch_scores"]]
+    assert evaluate(exported, rows, data.collator, data.spec)["score"] == max(scores)
+    assert scores[polish["kept_epoch"]] == max(scores)

@@ -6,7 +6,8 @@ OpenVINO IR and optionally INT8 IR (NNCF post-training quantization calibrated o
 exported model is evaluated again; a metric further than `max_metric_drop` from the search's
 record is an error, since it would mean extraction changed the function. With
 `export.finetune_epochs`, each extracted subnet is then polished: fine-tuned with KD from the
-teacher, its unpolished metrics kept beside. Latencies of the teacher and the exports are measured
+teacher, keeping the weights (before the polish or after one of its epochs) that score best on the
+search rows the search read, its unpolished metrics kept beside. Latencies of the teacher and the exports are measured
 side by side (`latency.LatencyComparison`).
 """
 
@@ -26,7 +27,7 @@ from eftnas_cli.recipe import ExportSection, Recipe
 from eftnas_cli.rundir import RunDir, holds_lock, write_json
 from eftnas_cli.supernet import Supernet
 from eftnas_cli.tasks import Task
-from eftnas_cli.training import autocast, distill, evaluate
+from eftnas_cli.training import Polished, autocast, evaluate, polish
 from eftnas_cli.ui import console, percent_of
 
 BY = "export"
@@ -118,6 +119,8 @@ def export(recipe: Recipe, budgets=None, trial: int | None = None, subnet_file: 
     # The re-check measures as the search did: its rows, its precision.
     pareto = artifacts.load_pareto(run, by=BY) if run.record("search") else None
     search_rows, search_precision = (pareto.eval_rows, pareto.mixed_precision) if pareto else (len(data.search), "no")
+    # The polish also chooses its epoch on them: rows held out of training that validation is not.
+    search_rows_read = data.search.select(range(min(search_rows, len(data.search))))
 
     teacher = load_model(teacher_dir, data.spec).to(device).eval()
     summary = {"teacher": {
@@ -142,9 +145,8 @@ def export(recipe: Recipe, budgets=None, trial: int | None = None, subnet_file: 
             save_model(supernet.extract(subnet), tokenizer, folder)
             exported = load_model(str(folder), data.spec).to(device).eval()
             if record is not None:
-                rows = data.search.select(range(min(search_rows, len(data.search))))
                 with autocast(search_precision, device):
-                    rechecked = evaluate(exported, rows, data.collator, data.spec)["score"]
+                    rechecked = evaluate(exported, search_rows_read, data.collator, data.spec)["score"]
                 if abs(rechecked - record["score"]) > section.max_metric_drop:
                     raise RuntimeError(
                         f"{label}: exported model scores {rechecked:.4f}, the search recorded {record['score']:.4f}"
@@ -158,14 +160,19 @@ def export(recipe: Recipe, budgets=None, trial: int | None = None, subnet_file: 
                 "params": supernet.params(subnet),
             }
             if section.finetune_epochs > 0:
-                polished, entry["polish_wall_s"] = distill(
+                polished = polish(
                     exported, teacher, data, recipe.supernet.model_copy(update={"epochs": section.finetune_epochs,
                                                                                 "max_steps": None}),
-                    seed=recipe.seed, device=recipe.device, description=f"polishing {label} (KD from the teacher)")
-                save_model(polished, tokenizer, folder)
-                exported = load_model(str(folder), data.spec).to(device).eval()
+                    search_rows_read, seed=recipe.seed, device=recipe.device,
+                    description=f"polishing {label} (KD from the teacher)")
+                entry["polish"] = {**polished.to_dict(), "rows": len(search_rows_read)}
+                entry["polish_wall_s"] = polished.wall_s
                 entry["unpolished_metrics"] = entry["metrics"]
-                entry["metrics"] = evaluate(exported, split, data.collator, data.spec)
+                console.print(_polish_line(label, polished))
+                if polished.kept_epoch:
+                    save_model(polished.model, tokenizer, folder)
+                    exported = load_model(str(folder), data.spec).to(device).eval()
+                    entry["metrics"] = evaluate(exported, split, data.collator, data.spec)
             timed[label] = TimedModel(exported, macs / supernet.full_macs)
         comparison = LatencyComparison(timed, TEACHER, section.latency_batch_sizes, section.latency_seq_len,
                                        runs=section.latency_runs, device=str(device))
@@ -186,6 +193,13 @@ def export(recipe: Recipe, budgets=None, trial: int | None = None, subnet_file: 
         out.metrics = summary
     print_summary(summary, data.spec)
     return summary
+
+
+def _polish_line(label: str, polished: Polished) -> str:
+    epochs = ", ".join(f"{score:.4f}" for score in polished.epoch_scores)
+    kept = (f"kept epoch {polished.kept_epoch}" if polished.kept_epoch else
+            "kept the unpolished weights: the polish lowered their score")
+    return f"polish {label}: search rows {polished.start_score:.4f} before, {epochs} after each epoch; {kept}"
 
 
 def print_summary(summary: dict, task: Task) -> None:
