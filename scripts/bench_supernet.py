@@ -174,12 +174,10 @@ def run_variant(args, variant: str, seed: int, teacher: str) -> dict:
     }
 
 
-def mean_sd(values: list[float]) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.2f} ± {100 * sd:.2f}"
+def percent_mean_sd(fractions: list[float | None]) -> str:
+    """`mean ± sd` of the scores present, in points (x100); "-" when none is."""
+    points = [100 * value for value in fractions if value is not None]
+    return common.mean_sd(points) if points else "-"
 
 
 def render(results: list[dict], args, header: dict) -> str:
@@ -190,13 +188,13 @@ def render(results: list[dict], args, header: dict) -> str:
         if not cells:
             continue
         rows.append([variant, " ".join(cells[0]["overrides"]) or "(the recipe)", str(len(cells)),
-                     *(mean_sd([c["best"][b] for c in cells]) for b in budgets),
+                     *(percent_mean_sd([c["best"][b] for c in cells]) for b in budgets),
                      common.format_duration(statistics.mean(c["supernet_wall_s"] for c in cells))])
-    teacher = mean_sd([r["teacher_score"] for r in results])
+    teacher = percent_mean_sd([r["teacher_score"] for r in results])
     table = common.markdown_table(["variant", "overrides", "seeds", *(f"best @ {b} (search rows)" for b in budgets),
                                    "super-network wall time"], rows, align="llr" + "r" * len(budgets) + "r")
     lower = {f"{high:g}": f"{low:g}" for low, high in budget_bands(args.budgets)}
-    panel_rows = [[variant, *(mean_sd([c["panel"][b] for c in cells]) for b in budgets)]
+    panel_rows = [[variant, *(percent_mean_sd([c["panel"][b] for c in cells]) for b in budgets)]
                   for variant in args.variants if (cells := [r for r in results if r["variant"] == variant])]
     panel = common.markdown_table(["variant", *(f"panel in ({lower[b]}, {b}] of the MACs" for b in budgets)], panel_rows,
                                   align="l" + "r" * len(budgets))
