@@ -251,7 +251,8 @@ class ExportSection(Section):
     finetune_epochs: float = Field(0.0, ge=0, description=(
         "polish: fine-tune each extracted subnet this many epochs with KD from the teacher (the "
         "supernet section's settings), starting from the super-network's weights, and keep the weights "
-        "(before the polish or after one of its epochs) that score best on the search rows; 0 = none"))
+        "(before the polish or after one of its epochs) that score best on search rows the search did not "
+        "read (all read: its epochs only, on those rows); 0 = none"))
 
     _budgets_in_range = field_validator("budgets")(_fractions_of_the_full_macs)
 

@@ -414,24 +414,37 @@ class Polished:
     wall_s: float
     start_score: float  # the student before the polish, on the selection rows
     epoch_scores: list[float]  # after each epoch, on the same rows
+    start_competes: bool = True  # whether the student's own weights may be kept
 
     @property
     def kept_epoch(self) -> int:
         """The epoch whose weights were kept; 0: the student's own, the polish having lowered its score."""
         best = max(self.epoch_scores, default=float("-inf"))
-        return 0 if self.start_score > best else 1 + self.epoch_scores.index(best)
+        return 0 if self.start_competes and self.start_score > best else 1 + self.epoch_scores.index(best)
 
     def to_dict(self) -> dict:
-        return {"start_score": self.start_score, "epoch_scores": self.epoch_scores, "kept_epoch": self.kept_epoch}
+        return {"start_score": self.start_score, "epoch_scores": self.epoch_scores,
+                "start_competes": self.start_competes, "kept_epoch": self.kept_epoch}
+
+
+def polish_selection_rows(search_rows, read: int, cap: int | None):
+    """(rows, start_competes): what the polish chooses on. The search picked the student as the best
+    of many subnets on the `read` search rows it read, so the student's score there is a maximum over
+    noisy scores, above what it scores on fresh rows, and it would beat a polish that helps. Hence:
+    the search rows after those (up to `cap`), where the student competes fairly; without such rows,
+    the rows it read, with only the polish's epochs competing."""
+    if read < len(search_rows):
+        return search_rows.select(range(read, min(len(search_rows), read + (cap or len(search_rows))))), True
+    return search_rows, False
 
 
 def polish(student, teacher, data: TaskData, section: SupernetSection, rows, *, seed: int, device: str,
-           description: str) -> Polished:
+           description: str, start_competes: bool = True) -> Polished:
     """`distill`, scoring the student on `rows` (search rows: held out of training, not validation)
-    before it and after each epoch, and keeping the best of those weights. A short KD fine-tune of a
-    subnet the super-network already trained can lower its score (MRPC at 0.5 of the MACs did:
-    docs/benchmarks_polish.md); the polish then hands back the student as it came. Ties go to the
-    polished weights, since the search chose the student as the best on these very rows."""
+    before it and after each epoch, and keeping the best of those weights (`polish_selection_rows`
+    says which rows and whether the student's own weights compete). A short KD fine-tune of a
+    subnet the super-network already trained can lower its score; the polish then hands back the
+    student as it came. Ties go to the polished weights."""
     student = student.to(best_device(device)).eval()
     start_score = evaluate(student, rows, data.collator, data.spec, section.eval_batch_size)["score"]
     start = {name: tensor.detach().clone() for name, tensor in student.state_dict().items()}
@@ -442,7 +455,8 @@ def polish(student, teacher, data: TaskData, section: SupernetSection, rows, *, 
         trainer.train()  # ends on the best epoch's weights (load_best_model_at_end)
         wall = time.perf_counter() - started
     result = Polished(trainer.model.eval(), wall, start_score,
-                      [entry["eval_score"] for entry in trainer.state.log_history if "eval_score" in entry])
+                      [entry["eval_score"] for entry in trainer.state.log_history if "eval_score" in entry],
+                      start_competes)
     if result.kept_epoch == 0:
         result.model.load_state_dict(start)
     return result

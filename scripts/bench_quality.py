@@ -15,8 +15,8 @@ budget) and four baselines cut to the same budgets (fractions of the dense encod
                               k that fits, fine-tuned like (b)
 
 and eftnas + polish: eftnas's subnet fine-tuned --polish-epochs with KD as `export.finetune_epochs`
-does it, keeping the weights (before the polish or after one of its epochs) that score best on the
-search rows the search read.
+does it, keeping the weights (before the polish or after one of its epochs) that score best on
+search rows the search did not read (`training.polish_selection_rows`).
 
 eftnas is the search's choice per budget (`search.tie_standard_errors`), made on the search rows
 (held out of the train split); every model is evaluated once on the task's validation split. (b), (d) and the polish train
@@ -62,7 +62,7 @@ from eftnas_cli.stages.gen_space import space_pruner  # noqa: E402
 from eftnas_cli.stages.pipeline import run_pipeline  # noqa: E402
 from eftnas_cli.supernet import Supernet  # noqa: E402
 from eftnas_cli.tasks import TASKS  # noqa: E402
-from eftnas_cli.training import distill, evaluate, polish  # noqa: E402
+from eftnas_cli.training import distill, evaluate, polish, polish_selection_rows  # noqa: E402
 from eftnas_cli.ui import console  # noqa: E402
 
 DEFAULT_RECIPE = common.REPO_ROOT / "configs" / "quickstart.yaml"
@@ -145,8 +145,9 @@ CELL_VERSION = 2
 # `search.tie_standard_errors`); cells of the methods that read its choice are measured again.
 SEARCH_VERSION = 4
 # Bump when the polish's code changes what it returns (2: the weights, before the polish or after
-# one of its epochs, that score best on the search rows the search read).
-POLISH_VERSION = 2
+# one of its epochs, that score best on the search rows the search read; 3: on search rows it did
+# not read, where the unpolished subnet's score is not the maximum the search selected).
+POLISH_VERSION = 3
 # The methods that read the search: the others leave the search section out of their fingerprints,
 # so trying another search keeps their cells ((c) reads the super-network, not the search).
 READ_THE_SEARCH = ("eftnas", "eftnas+polish")
@@ -256,9 +257,10 @@ def measure(context: SeedContext, method: str, budget: float) -> dict:
         pipeline_wall = sum(walls.get(s, 0.0) for s in EFTNAS_STAGES)
         if method == "eftnas+polish":
             section = context.recipe.supernet.model_copy(update={"epochs": context.polish_epochs, "max_steps": None})
-            rows = context.data.search.select(range(min(pareto.eval_rows, len(context.data.search))))
-            polished = polish(supernet.extract(subnet), context.teacher, context.data, section, rows,
-                              seed=context.recipe.seed, device=context.recipe.device, description=f"polish @ {budget:g}")
+            rows, start_competes = polish_selection_rows(context.data.search, pareto.eval_rows,
+                                                         context.recipe.search.max_eval_samples)
+            polished = polish(supernet.extract(subnet), context.teacher, context.data, section, rows, seed=context.recipe.seed,
+                              device=context.recipe.device, start_competes=start_competes, description=f"polish @ {budget:g}")
             return cell(context, method, budget, subnet, context.evaluate(polished.model), pipeline_wall + polished.wall_s,
                         polish_wall_s=polished.wall_s, polish=polished.to_dict())
         metrics = supernet.evaluate(subnet, context.data.main_eval, context.data, context.recipe.search.eval_batch_size)
@@ -494,8 +496,9 @@ def compute_table(result: dict) -> str:
             cells = [c for c in result["cells"] if c["method"] == method and c["budget"] == budget
                      and c.get(wall_key) is not None]
             if cells:
-                kept = [c["polish"]["kept_epoch"] for c in cells if "polish" in c]
-                choice = f"; kept the unpolished weights in {kept.count(0)} of {len(kept)} seeds (search rows)" if kept else ""
+                choices = [c["polish"] for c in cells if "polish" in c]
+                choice = (f"; the unpolished weights kept in {sum(c['kept_epoch'] == 0 for c in choices)} of {len(choices)} "
+                          f"seeds ({sum(c['start_competes'] for c in choices)} compared on unread search rows)") if choices else ""
                 rows.append([f"{METHODS[method]} @ {budget:g}", common.format_duration(statistics.mean(c[wall_key] for c in cells)),
                              note + choice])
     rows.append(["teacher (shared, once)", common.format_duration(result["teacher_wall_s"]), "finetune"])

@@ -3,13 +3,14 @@ the search rows, the student's own included."""
 
 import dataclasses
 
+import datasets
 import torch
 
 from eftnas_cli.data import recipe_task_data
 from eftnas_cli.models import load_model, load_tokenizer
 from eftnas_cli.recipe import load_recipe
 from eftnas_cli.tasks import model_outputs
-from eftnas_cli.training import Polished, evaluate, polish
+from eftnas_cli.training import Polished, evaluate, polish, polish_selection_rows
 
 
 def test_kept_epoch_is_the_best_and_ties_go_to_the_polish():
@@ -17,6 +18,18 @@ def test_kept_epoch_is_the_best_and_ties_go_to_the_polish():
     assert Polished(None, 0.0, 0.8, [0.9, 0.85]).kept_epoch == 1
     assert Polished(None, 0.0, 0.8, [0.7, 0.8]).kept_epoch == 2
     assert Polished(None, 0.0, 0.8, [0.8, 0.8]).kept_epoch == 1
+    # Scored on the rows that chose the student, its own weights do not compete.
+    assert Polished(None, 0.0, 0.8, [0.7, 0.75], start_competes=False).kept_epoch == 2
+
+
+def test_the_polish_chooses_on_search_rows_the_search_did_not_read():
+    search = datasets.Dataset.from_dict({"row": list(range(10))})
+    rows, start_competes = polish_selection_rows(search, read=4, cap=3)
+    assert rows["row"] == [4, 5, 6] and start_competes
+    rows, start_competes = polish_selection_rows(search, read=4, cap=None)
+    assert rows["row"] == list(range(4, 10)) and start_competes
+    rows, start_competes = polish_selection_rows(search, read=10, cap=3)
+    assert rows["row"] == list(range(10)) and not start_competes
 
 
 def test_a_polish_that_lowers_the_score_hands_back_the_student_unchanged(write_recipe, tiny_model_dir):

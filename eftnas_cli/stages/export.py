@@ -6,8 +6,9 @@ OpenVINO IR and optionally INT8 IR (NNCF post-training quantization calibrated o
 exported model is evaluated again; a metric further than `max_metric_drop` from the search's
 record is an error, since it would mean extraction changed the function. With
 `export.finetune_epochs`, each extracted subnet is then polished: fine-tuned with KD from the
-teacher, keeping the weights (before the polish or after one of its epochs) that score best on the
-search rows the search read, its unpolished metrics kept beside. Latencies of the teacher and the exports are measured
+teacher, keeping the weights (before the polish or after one of its epochs) that score best on
+search rows the search did not read (`training.polish_selection_rows`), its unpolished metrics kept
+beside. Latencies of the teacher and the exports are measured
 side by side (`latency.LatencyComparison`).
 """
 
@@ -27,7 +28,7 @@ from eftnas_cli.recipe import ExportSection, Recipe
 from eftnas_cli.rundir import RunDir, holds_lock, write_json
 from eftnas_cli.supernet import Supernet
 from eftnas_cli.tasks import Task
-from eftnas_cli.training import Polished, autocast, evaluate, polish
+from eftnas_cli.training import Polished, autocast, evaluate, polish, polish_selection_rows
 from eftnas_cli.ui import console, percent_of
 
 BY = "export"
@@ -119,8 +120,8 @@ def export(recipe: Recipe, budgets=None, trial: int | None = None, subnet_file: 
     # The re-check measures as the search did: its rows, its precision.
     pareto = artifacts.load_pareto(run, by=BY) if run.record("search") else None
     search_rows, search_precision = (pareto.eval_rows, pareto.mixed_precision) if pareto else (len(data.search), "no")
-    # The polish also chooses its epoch on them: rows held out of training that validation is not.
     search_rows_read = data.search.select(range(min(search_rows, len(data.search))))
+    polish_rows, start_competes = polish_selection_rows(data.search, search_rows, recipe.search.max_eval_samples)
 
     teacher = load_model(teacher_dir, data.spec).to(device).eval()
     summary = {"teacher": {
@@ -163,12 +164,12 @@ def export(recipe: Recipe, budgets=None, trial: int | None = None, subnet_file: 
                 polished = polish(
                     exported, teacher, data, recipe.supernet.model_copy(update={"epochs": section.finetune_epochs,
                                                                                 "max_steps": None}),
-                    search_rows_read, seed=recipe.seed, device=recipe.device,
+                    polish_rows, seed=recipe.seed, device=recipe.device, start_competes=start_competes,
                     description=f"polishing {label} (KD from the teacher)")
-                entry["polish"] = {**polished.to_dict(), "rows": len(search_rows_read)}
+                entry["polish"] = {**polished.to_dict(), "rows": len(polish_rows)}
                 entry["polish_wall_s"] = polished.wall_s
                 entry["unpolished_metrics"] = entry["metrics"]
-                console.print(_polish_line(label, polished))
+                console.print(_polish_line(label, polished, len(polish_rows)), soft_wrap=True)
                 if polished.kept_epoch:
                     save_model(polished.model, tokenizer, folder)
                     exported = load_model(str(folder), data.spec).to(device).eval()
@@ -195,11 +196,13 @@ def export(recipe: Recipe, budgets=None, trial: int | None = None, subnet_file: 
     return summary
 
 
-def _polish_line(label: str, polished: Polished) -> str:
+def _polish_line(label: str, polished: Polished, rows: int) -> str:
     epochs = ", ".join(f"{score:.4f}" for score in polished.epoch_scores)
     kept = (f"kept epoch {polished.kept_epoch}" if polished.kept_epoch else
             "kept the unpolished weights: the polish lowered their score")
-    return f"polish {label}: search rows {polished.start_score:.4f} before, {epochs} after each epoch; {kept}"
+    rows_said = (f"{rows} search rows the search did not read" if polished.start_competes else
+                 f"the {rows} search rows the search read (none left unread: only the polish's epochs compete)")
+    return f"polish {label} on {rows_said}: {polished.start_score:.4f} before, {epochs} after each epoch; {kept}"
 
 
 def print_summary(summary: dict, task: Task) -> None:
