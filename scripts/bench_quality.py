@@ -498,7 +498,7 @@ def compute_table(result: dict) -> str:
             if cells:
                 choices = [c["polish"] for c in cells if "polish" in c]
                 choice = (f"; the unpolished weights kept in {sum(c['kept_epoch'] == 0 for c in choices)} of {len(choices)} "
-                          f"seeds ({sum(c['start_competes'] for c in choices)} compared on unread search rows)") if choices else ""
+                          f"seeds ({sum(c.get('start_competes', False) for c in choices)} compared on unread search rows)") if choices else ""
                 rows.append([f"{METHODS[method]} @ {budget:g}", common.format_duration(statistics.mean(c[wall_key] for c in cells)),
                              note + choice])
     rows.append(["teacher (shared, once)", common.format_duration(result["teacher_wall_s"]), "finetune"])
