@@ -412,7 +412,8 @@ class Polished:
 
     model: torch.nn.Module
     wall_s: float
-    start_score: float  # the student before the polish, on the selection rows
+    rows: int  # how many search rows it chose on (`polish_selection_rows`)
+    start_score: float  # the student before the polish, on those rows
     epoch_scores: list[float]  # after each epoch, on the same rows
     start_competes: bool = True  # whether the student's own weights may be kept
 
@@ -423,7 +424,7 @@ class Polished:
         return 0 if self.start_competes and self.start_score > best else 1 + self.epoch_scores.index(best)
 
     def to_dict(self) -> dict:
-        return {"start_score": self.start_score, "epoch_scores": self.epoch_scores,
+        return {"rows": self.rows, "start_score": self.start_score, "epoch_scores": self.epoch_scores,
                 "start_competes": self.start_competes, "kept_epoch": self.kept_epoch}
 
 
@@ -438,13 +439,16 @@ def polish_selection_rows(search_rows, read: int, cap: int | None):
     return search_rows, False
 
 
-def polish(student, teacher, data: TaskData, section: SupernetSection, rows, *, seed: int, device: str,
-           description: str, start_competes: bool = True) -> Polished:
-    """`distill`, scoring the student on `rows` (search rows: held out of training, not validation)
-    before it and after each epoch, and keeping the best of those weights (`polish_selection_rows`
-    says which rows and whether the student's own weights compete). A short KD fine-tune of a
+def polish(student, teacher, data: TaskData, section: SupernetSection, epochs: float, *, search_rows_read: int,
+           cap: int | None, seed: int, device: str, description: str) -> Polished:
+    """`distill` for `epochs` with `section`'s other settings, scoring the student on search rows
+    (held out of training, not validation) before it and after each epoch, and keeping the best of
+    those weights: `polish_selection_rows` says which rows, given the `search_rows_read` first ones
+    the search read, and whether the student's own weights compete. A short KD fine-tune of a
     subnet the super-network already trained can lower its score; the polish then hands back the
     student as it came. Ties go to the polished weights."""
+    section = section.model_copy(update={"epochs": epochs, "max_steps": None})
+    rows, start_competes = polish_selection_rows(data.search, search_rows_read, cap)
     student = student.to(best_device(device)).eval()
     start_score = evaluate(student, rows, data.collator, data.spec, section.eval_batch_size)["score"]
     start = {name: tensor.detach().clone() for name, tensor in student.state_dict().items()}
@@ -454,7 +458,7 @@ def polish(student, teacher, data: TaskData, section: SupernetSection, rows, *, 
         started = time.perf_counter()
         trainer.train()  # ends on the best epoch's weights (load_best_model_at_end)
         wall = time.perf_counter() - started
-    result = Polished(trainer.model.eval(), wall, start_score,
+    result = Polished(trainer.model.eval(), wall, len(rows), start_score,
                       [entry["eval_score"] for entry in trainer.state.log_history if "eval_score" in entry],
                       start_competes)
     if result.kept_epoch == 0:

@@ -62,7 +62,7 @@ from eftnas_cli.stages.gen_space import space_pruner  # noqa: E402
 from eftnas_cli.stages.pipeline import run_pipeline  # noqa: E402
 from eftnas_cli.supernet import Supernet  # noqa: E402
 from eftnas_cli.tasks import TASKS  # noqa: E402
-from eftnas_cli.training import distill, evaluate, polish, polish_selection_rows  # noqa: E402
+from eftnas_cli.training import distill, evaluate, polish  # noqa: E402
 from eftnas_cli.ui import console  # noqa: E402
 
 DEFAULT_RECIPE = common.REPO_ROOT / "configs" / "quickstart.yaml"
@@ -256,11 +256,10 @@ def measure(context: SeedContext, method: str, budget: float) -> dict:
         walls = context.stage_walls()
         pipeline_wall = sum(walls.get(s, 0.0) for s in EFTNAS_STAGES)
         if method == "eftnas+polish":
-            section = context.recipe.supernet.model_copy(update={"epochs": context.polish_epochs, "max_steps": None})
-            rows, start_competes = polish_selection_rows(context.data.search, pareto.eval_rows,
-                                                         context.recipe.search.max_eval_samples)
-            polished = polish(supernet.extract(subnet), context.teacher, context.data, section, rows, seed=context.recipe.seed,
-                              device=context.recipe.device, start_competes=start_competes, description=f"polish @ {budget:g}")
+            polished = polish(supernet.extract(subnet), context.teacher, context.data, context.recipe.supernet,
+                              context.polish_epochs, search_rows_read=pareto.eval_rows,
+                              cap=context.recipe.search.max_eval_samples, seed=context.recipe.seed,
+                              device=context.recipe.device, description=f"polish @ {budget:g}")
             return cell(context, method, budget, subnet, context.evaluate(polished.model), pipeline_wall + polished.wall_s,
                         polish_wall_s=polished.wall_s, polish=polished.to_dict())
         metrics = supernet.evaluate(subnet, context.data.main_eval, context.data, context.recipe.search.eval_batch_size)

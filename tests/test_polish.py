@@ -14,12 +14,12 @@ from eftnas_cli.training import Polished, evaluate, polish, polish_selection_row
 
 
 def test_kept_epoch_is_the_best_and_ties_go_to_the_polish():
-    assert Polished(None, 0.0, 0.8, [0.7, 0.75]).kept_epoch == 0
-    assert Polished(None, 0.0, 0.8, [0.9, 0.85]).kept_epoch == 1
-    assert Polished(None, 0.0, 0.8, [0.7, 0.8]).kept_epoch == 2
-    assert Polished(None, 0.0, 0.8, [0.8, 0.8]).kept_epoch == 1
+    assert Polished(None, 0.0, 10, 0.8, [0.7, 0.75]).kept_epoch == 0
+    assert Polished(None, 0.0, 10, 0.8, [0.9, 0.85]).kept_epoch == 1
+    assert Polished(None, 0.0, 10, 0.8, [0.7, 0.8]).kept_epoch == 2
+    assert Polished(None, 0.0, 10, 0.8, [0.8, 0.8]).kept_epoch == 1
     # Scored on the rows that chose the student, its own weights do not compete.
-    assert Polished(None, 0.0, 0.8, [0.7, 0.75], start_competes=False).kept_epoch == 2
+    assert Polished(None, 0.0, 10, 0.8, [0.7, 0.75], start_competes=False).kept_epoch == 2
 
 
 def test_the_polish_chooses_on_search_rows_the_search_did_not_read():
@@ -54,10 +54,12 @@ def test_a_polish_that_lowers_the_score_hands_back_the_student_unchanged(write_r
     before = {name: tensor.clone() for name, tensor in student.state_dict().items()}
     teacher = load_model(str(tiny_model_dir), data.spec)
     # A learning rate that wrecks the weights, and labels flipped for the KD's hard-label share.
-    section = recipe.supernet.model_copy(update={"epochs": 2, "learning_rate": 0.5, "distillation_weight": 0.0})
+    section = recipe.supernet.model_copy(update={"learning_rate": 0.5, "distillation_weight": 0.0})
     train = data.train.map(lambda row: {"labels": 1 - row["labels"]})
-    polished = polish(student, teacher, dataclasses.replace(data, train=train), section, rows, seed=0,
-                      device="cpu", description="polish")
+    # The search read none of these rows: the student's own weights compete on all of them.
+    polished = polish(student, teacher, dataclasses.replace(data, train=train, search_rows=rows), section, 2,
+                      search_rows_read=0, cap=None, seed=0, device="cpu", description="polish")
+    assert polished.rows == len(rows) and polished.start_competes and len(polished.epoch_scores) == 2
     assert polished.start_score == 1.0 and max(polished.epoch_scores) < 1.0 and polished.kept_epoch == 0
     assert all(torch.equal(before[name], tensor) for name, tensor in polished.model.state_dict().items())
     assert evaluate(polished.model, rows, data.collator, data.spec)["score"] == 1.0

@@ -28,7 +28,7 @@ from eftnas_cli.recipe import ExportSection, Recipe
 from eftnas_cli.rundir import RunDir, holds_lock, write_json
 from eftnas_cli.supernet import Supernet
 from eftnas_cli.tasks import Task
-from eftnas_cli.training import Polished, autocast, evaluate, polish, polish_selection_rows
+from eftnas_cli.training import Polished, autocast, evaluate, polish
 from eftnas_cli.ui import console, percent_of
 
 BY = "export"
@@ -121,7 +121,6 @@ def export(recipe: Recipe, budgets=None, trial: int | None = None, subnet_file: 
     pareto = artifacts.load_pareto(run, by=BY) if run.record("search") else None
     search_rows, search_precision = (pareto.eval_rows, pareto.mixed_precision) if pareto else (len(data.search), "no")
     search_rows_read = data.search.select(range(min(search_rows, len(data.search))))
-    polish_rows, start_competes = polish_selection_rows(data.search, search_rows, recipe.search.max_eval_samples)
 
     teacher = load_model(teacher_dir, data.spec).to(device).eval()
     summary = {"teacher": {
@@ -161,15 +160,13 @@ def export(recipe: Recipe, budgets=None, trial: int | None = None, subnet_file: 
                 "params": supernet.params(subnet),
             }
             if section.finetune_epochs > 0:
-                polished = polish(
-                    exported, teacher, data, recipe.supernet.model_copy(update={"epochs": section.finetune_epochs,
-                                                                                "max_steps": None}),
-                    polish_rows, seed=recipe.seed, device=recipe.device, start_competes=start_competes,
-                    description=f"polishing {label} (KD from the teacher)")
-                entry["polish"] = {**polished.to_dict(), "rows": len(polish_rows)}
+                polished = polish(exported, teacher, data, recipe.supernet, section.finetune_epochs,
+                                  search_rows_read=search_rows, cap=recipe.search.max_eval_samples, seed=recipe.seed,
+                                  device=recipe.device, description=f"polishing {label} (KD from the teacher)")
+                entry["polish"] = polished.to_dict()
                 entry["polish_wall_s"] = polished.wall_s
                 entry["unpolished_metrics"] = entry["metrics"]
-                console.print(_polish_line(label, polished, len(polish_rows)), soft_wrap=True)
+                console.print(_polish_line(label, polished), soft_wrap=True)
                 if polished.kept_epoch:
                     save_model(polished.model, tokenizer, folder)
                     exported = load_model(str(folder), data.spec).to(device).eval()
@@ -196,12 +193,12 @@ def export(recipe: Recipe, budgets=None, trial: int | None = None, subnet_file: 
     return summary
 
 
-def _polish_line(label: str, polished: Polished, rows: int) -> str:
+def _polish_line(label: str, polished: Polished) -> str:
     epochs = ", ".join(f"{score:.4f}" for score in polished.epoch_scores)
     kept = (f"kept epoch {polished.kept_epoch}" if polished.kept_epoch else
             "kept the unpolished weights: the polish lowered their score")
-    rows_said = (f"{rows} search rows the search did not read" if polished.start_competes else
-                 f"the {rows} search rows the search read (none left unread: only the polish's epochs compete)")
+    rows_said = (f"{polished.rows} search rows the search did not read" if polished.start_competes else
+                 f"the {polished.rows} search rows the search read (none left unread: only the polish's epochs compete)")
     return f"polish {label} on {rows_said}: {polished.start_score:.4f} before, {epochs} after each epoch; {kept}"
 
 
