@@ -1,15 +1,16 @@
-"""How the polish should fine-tune each budget's subnet: learning rates compared on search rows.
+"""How the polish should fine-tune each budget's subnet: epochs and learning rates compared on search rows.
 
 For each finished run (bench_quality's `runs/bench/<task>-s<seed>`, say) and each --budgets, the
-search's choice is extracted from the super-network and fine-tuned --epochs with KD from the
-teacher at each --lr (`export.finetune_learning_rate`; the super-network's other settings, as the
-polish does), then scored on the search rows. The subnet was chosen on those rows, the same one for
-every learning rate, so the learning rates are compared fairly; its unpolished search score is
-beside. Polished scores are cached in `<run>/bench/polish_lr.json`. The validation split is not
-read: these figures choose the default.
+search's choice is extracted from the super-network and fine-tuned with KD from the teacher for
+each of --epochs (`export.finetune_epochs`) at each --lr (`export.finetune_learning_rate`; the
+super-network's other settings, as the polish does), then scored on the search rows. The subnet was
+chosen on those rows, the same one for every setting, so the settings are compared fairly; its
+unpolished search score is beside. Each setting's score is its last epoch's: no epoch is chosen.
+Polished scores are cached in `<run>/bench/polish_lr.json`. The validation split is not read:
+these figures choose the default.
 
     python scripts/bench_polish.py --run runs/bench/mrpc-s0 --run runs/bench/mrpc-s1 [--lr 5e-5 1.5e-5]
-        [--budgets 0.5 0.35] [--epochs 1] [--out docs/benchmarks_polish.md]
+        [--budgets 0.5 0.35] [--epochs 1 2] [--out docs/benchmarks_polish.md]
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ DEFAULT_OUT = Path("docs/benchmarks_polish.md")
 
 def bench_run(path: Path, args) -> dict:
     recipe = load_recipe(path / "recipe.yaml", [])
-    context = bench_quality.load_context(recipe, torch.device("cpu"), args.epochs)
+    context = bench_quality.load_context(recipe, torch.device("cpu"), 0.0)
     data = context.data
     pareto = artifacts.load_pareto(context.run, by=BY)
     cache = path / "bench" / CACHE_FILE
@@ -49,26 +50,34 @@ def bench_run(path: Path, args) -> dict:
         subnet = elastic.Subnet.from_dict(chosen["subnet"])
         entry = {"trial": chosen["trial"], "macs_ratio": context.macs_ratio(subnet), "search_score": chosen["score"],
                  "polished": {}}
-        for lr in args.lr:
-            key = f"t{chosen['trial']}-e{args.epochs:g}-lr{lr:g}"
+        for epochs, lr in settings(args):
+            key = f"t{chosen['trial']}-e{epochs:g}-lr{lr:g}"
             if key not in done:
                 trained, wall = bench_quality.kd_train(context, context.supernet.extract(subnet), f"polish {key}",
-                                                       args.epochs, lr)
+                                                       epochs, lr)
                 done[key] = {"score": context.evaluate_on_search_rows(trained)["score"], "wall_s": wall}
                 cache.parent.mkdir(exist_ok=True)
                 write_json(cache, done)
-            entry["polished"][f"{lr:g}"] = done[key]
+            entry["polished"][setting_label(epochs, lr)] = done[key]
         result["budgets"][artifacts.budget_key(budget)] = entry
     return result
 
 
+def settings(args) -> list[tuple[float, float]]:
+    return [(epochs, lr) for epochs in args.epochs for lr in args.lr]
+
+
+def setting_label(epochs: float, lr: float) -> str:
+    return f"{epochs:g} epoch(s), lr {lr:g}"
+
+
 def render(results: list[dict], args, provenance: dict) -> str:
-    lrs = [f"{lr:g}" for lr in args.lr]
-    lines = ["# The polish's learning rate (search rows only)", "", *common.provenance_lines(provenance), "",
-             f"Each budget's chosen subnet, fine-tuned {args.epochs:g} epoch(s) with KD from the teacher at each "
-             "learning rate and scored on the search rows (x100, mean ± sd over seeds); `− unpolished` is the paired "
+    labels = [setting_label(epochs, lr) for epochs, lr in settings(args)]
+    lines = ["# The polish's epochs and learning rate (search rows only)", "", *common.provenance_lines(provenance), "",
+             "Each budget's chosen subnet, fine-tuned with KD from the teacher in each setting and scored on the "
+             "search rows after its last epoch (x100, mean ± sd over seeds); `− unpolished` is the paired "
              "difference with the subnet before the polish. The subnet was chosen on these rows, the same one for "
-             "every learning rate.", ""]
+             "every setting.", ""]
     for task in sorted({r["task"] for r in results}):
         runs = [r for r in results if r["task"] == task]
         lines += [f"## {task}: seeds {', '.join(str(r['seed']) for r in runs)}, {runs[0]['search_rows']} search rows "
@@ -80,12 +89,13 @@ def render(results: list[dict], args, provenance: dict) -> str:
                 continue
             row = [budget, f"{statistics.fmean(e['macs_ratio'] for e in entries):.3f}",
                    common.mean_sd([100 * e["search_score"] for e in entries])]
-            for lr in lrs:
-                row.append(f"{common.mean_sd([100 * e['polished'][lr]['score'] for e in entries])} "
-                           f"({common.mean_sd([100 * (e['polished'][lr]['score'] - e['search_score']) for e in entries], True)})")
+            for label in labels:
+                row.append(f"{common.mean_sd([100 * e['polished'][label]['score'] for e in entries])} "
+                           f"({common.mean_sd([100 * (e['polished'][label]['score'] - e['search_score']) for e in entries], True)})")
             table.append(row)
         lines += [common.markdown_table(["budget", "MACs ratio", "unpolished",
-                                         *(f"lr {lr} (− unpolished)" for lr in lrs)], table, align="lrr" + "r" * len(lrs)), ""]
+                                         *(f"{label} (− unpolished)" for label in labels)], table,
+                                        align="lrr" + "r" * len(labels)), ""]
     return "\n".join(lines)
 
 
@@ -93,7 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = common.runs_parser(__doc__, DEFAULT_OUT)
     parser.add_argument("--lr", nargs="+", type=float, default=[5e-5, 1.5e-5], help="polish learning rates to compare")
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.35], help="budgets whose choice is polished")
-    parser.add_argument("--epochs", type=float, default=1.0, help="polish epochs (export.finetune_epochs)")
+    parser.add_argument("--epochs", nargs="+", type=float, default=[1.0], help="polish epochs to compare (export.finetune_epochs)")
     return parser.parse_args(argv)
 
 

@@ -127,12 +127,14 @@ def test_bench_quality_smoke(tmp_path):
     assert json.loads(copy_manifest.read_text())["stages"]["train-supernet"]["outputs"] == \
         json.loads((tmp_path / "runs" / "mrpc-s1" / "manifest.json").read_text())["stages"]["train-supernet"]["outputs"]
     polish = run_script("bench_polish.py", "--run", tmp_path / "runs" / "mrpc-s1", "--lr", "1e-3", "1e-4",
-                        "--budgets", "0.6", "--out", tmp_path / "polish.md")
+                        "--epochs", "1", "2", "--budgets", "0.6", "--out", tmp_path / "polish.md")
     assert polish.returncode == 0, polish.stdout + polish.stderr
     header, *table = table_with_header(polish.stdout, "budget")
-    assert header[3:] == ["lr 0.001 (− unpolished)", "lr 0.0001 (− unpolished)"] and [row[0] for row in table] == ["0.6"]
+    assert header[3:] == [f"{e} epoch(s), lr {lr} (− unpolished)" for e in (1, 2) for lr in ("0.001", "0.0001")]
+    assert [row[0] for row in table] == ["0.6"]
     polished = json.loads((tmp_path / "runs" / "mrpc-s1" / "bench" / "polish_lr.json").read_text())
-    assert len(polished) == 2 and {e["score"] for e in polished.values()} <= {i / 8 for i in range(9)}
+    assert sorted(key.split("-", 1)[1] for key in polished) == ["e1-lr0.0001", "e1-lr0.001", "e2-lr0.0001", "e2-lr0.001"]
+    assert {e["score"] for e in polished.values()} <= {i / 8 for i in range(9)}
 
     # Resumable from the cells kept beside the report: a second run, even without the first's run
     # directories, finds every cell finished and runs nothing.
