@@ -27,7 +27,7 @@ spread over several sittings, on other machines too: a re-run does only what is 
 markdown report (default docs/benchmarks.md) rendered from its JSON (docs/benchmarks_quality.json,
 with a top-level `summary` list), and prints the targets.
 
-    python scripts/bench_quality.py [--tasks mrpc sst2] [--seeds 0 1 2] [--budgets 0.5 0.35]
+    python scripts/bench_quality.py [--tasks mrpc sst2] [--seeds 0 1 2 ...] [--budgets 0.5 0.35]
         [--extra-budgets 0.7 0.25] [--train-samples TASK=N ...] [--remeasure METHOD ...] [--device cpu|cuda] [--recipe FILE]
         [--run-root runs/bench] [--out docs/benchmarks.md] [--smoke] [key=value ...]
 
@@ -70,6 +70,10 @@ DEFAULT_OUT = Path("docs/benchmarks.md")
 BY = "bench_quality.py"  # how upstream-stage errors name the requester
 # Train rows per task unless --train-samples says otherwise (None: the whole train split).
 DEFAULT_TRAIN_SAMPLES = {"mrpc": None, "sst2": 8000}
+# Seeds per task unless --seeds says otherwise. MRPC has 408 validation rows (one standard error
+# about 2.2 points per seed), too few for 3 seeds to tell apart methods a point apart: it runs 5.
+DEFAULT_SEEDS = {"mrpc": [0, 1, 2, 3, 4]}
+OTHER_TASKS_SEEDS = [0, 1, 2]
 SMOKE_TASK, SMOKE_BUDGETS, SMOKE_EXTRA_BUDGETS, SMOKE_SEEDS = "mrpc", [0.6], [0.8], [0, 1]
 
 METHODS = {
@@ -312,7 +316,8 @@ def bench_task(task: str, args: argparse.Namespace, store: CellStore, device: to
     teacher_dir = str(teacher_run.stage_dir("finetune") / artifacts.MODEL_FOLDER)
     facts_key = (f"{task}/facts", fingerprint(teacher_recipe, teacher_recipe, "facts", 1.0, 0.0))
     cells, facts = [], store.get(*facts_key)
-    for seed in args.seeds:
+    seeds = task_seeds(task, args)
+    for seed in seeds:
         recipe = load_recipe(args.recipe, [*base, f"name={task}-s{seed}", f"seed={seed}", f"model.teacher={teacher_dir}"])
         wanted = {(method, budget): (CellStore.key(task, seed, method, budget),
                                      fingerprint(recipe, teacher_recipe, method, budget, args.polish_epochs))
@@ -336,7 +341,11 @@ def bench_task(task: str, args: argparse.Namespace, store: CellStore, device: to
                     found[(method, budget)] = measure(context, method, budget)
                     store.put(key, decided, found[(method, budget)])
         cells += [{**value, "seed": seed} for value in found.values()]
-    return {**facts, "seeds": args.seeds, "cells": cells}
+    return {**facts, "seeds": seeds, "cells": cells}
+
+
+def task_seeds(task: str, args: argparse.Namespace) -> list[int]:
+    return args.seeds if args.seeds is not None else DEFAULT_SEEDS.get(task, OTHER_TASKS_SEEDS)
 
 
 def search_rows_read(result: dict) -> str:
@@ -496,7 +505,8 @@ def compute_table(result: dict) -> str:
                      and c.get(wall_key) is not None]
             if cells:
                 choices = [c["polish"] for c in cells if "polish" in c]
-                choice = (f"; the unpolished weights kept in {sum(c['kept_epoch'] == 0 for c in choices)} of {len(choices)} "
+                epochs = sorted({len(c["epoch_scores"]) for c in choices})
+                choice = (f", {'/'.join(map(str, epochs))} epoch(s); the unpolished weights kept in {sum(c['kept_epoch'] == 0 for c in choices)} of {len(choices)} "
                           f"seeds ({sum(c.get('start_competes', False) for c in choices)} compared on unread search rows)") if choices else ""
                 rows.append([f"{METHODS[method]} @ {budget:g}", common.format_duration(statistics.mean(c[wall_key] for c in cells)),
                              note + choice])
@@ -559,14 +569,17 @@ def merge_results(json_path: Path, new: dict[str, dict]) -> dict[str, dict]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--tasks", nargs="+", default=["mrpc", "sst2"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help=f"seeds of every task (default {DEFAULT_SEEDS}, else {OTHER_TASKS_SEEDS})")
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.35],
                         help="MACs fractions of the dense encoder, for every method")
     parser.add_argument("--extra-budgets", nargs="*", type=float, default=[0.7, 0.25],
                         help="budgets for the methods that need no training of their own (eftnas, a, c)")
     parser.add_argument("--train-samples", nargs="*", default=[], metavar="TASK=N",
                         help=f"train rows per task (default {DEFAULT_TRAIN_SAMPLES}; N=all for the whole split)")
-    parser.add_argument("--polish-epochs", type=float, default=1.0,
+    # 2, as many as (b) trains: on search rows it scored +0.18 points over 1 epoch, mean of 2 tasks x 2
+    # budgets x 3 seeds (docs/benchmarks_polish_epochs.md).
+    parser.add_argument("--polish-epochs", type=float, default=2.0,
                         help="KD fine-tune epochs of eftnas's subnets (eftnas + polish); 0 skips that method")
     parser.add_argument("--remeasure", nargs="+", default=[], choices=[m for m in METHODS if m != "teacher"],
                         metavar="METHOD", help="measure these methods' cells again even where a kept cell is current, "

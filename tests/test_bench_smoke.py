@@ -236,6 +236,17 @@ def test_cell_fingerprints_follow_what_each_method_reads(monkeypatch):
     assert bench_quality.fingerprint(base, recipe("finetune.epochs=1"), "b", 0.5, 1.0) != fingerprint(base, "b")
 
 
+def test_seeds_default_per_task_and_one_list_for_every_task_when_given(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import bench_quality
+
+    default = bench_quality.parse_args([])
+    assert bench_quality.task_seeds("mrpc", default) == [0, 1, 2, 3, 4]  # 408 validation rows: more seeds
+    assert bench_quality.task_seeds("sst2", default) == [0, 1, 2]
+    given = bench_quality.parse_args(["--seeds", "7", "8"])
+    assert bench_quality.task_seeds("mrpc", given) == bench_quality.task_seeds("sst2", given) == [7, 8]
+
+
 def test_bench_choice_cross_validation_prefers_more_macs_only_among_near_ties(monkeypatch):
     monkeypatch.syspath_prepend(str(SCRIPTS))
     import bench_choice
