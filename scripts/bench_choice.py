@@ -114,7 +114,7 @@ def polish(run: RunDir, recipe, data, trials: list[dict], full_macs: int, budget
     """Both rules' choices (on all search rows), fine-tuned with KD and scored on the search rows."""
     import bench_quality
 
-    context = bench_quality.load_context(recipe, torch.device("cpu"), epochs)
+    context = bench_quality.load_context(recipe, torch.device("cpu"))
     rows = len(data.search)
     cache = run.path / "bench" / "choice_polish.json"
     done = json.loads(cache.read_text()) if cache.is_file() else {}

@@ -36,7 +36,7 @@ DEFAULT_OUT = Path("docs/benchmarks_polish.md")
 
 def bench_run(path: Path, args) -> dict:
     recipe = load_recipe(path / "recipe.yaml", [])
-    context = bench_quality.load_context(recipe, torch.device("cpu"), 0.0)
+    context = bench_quality.load_context(recipe, torch.device("cpu"))
     data = context.data
     pareto = artifacts.load_pareto(context.run, by=BY)
     cache = path / "bench" / CACHE_FILE

@@ -111,7 +111,6 @@ class SeedContext:
     supernet: Supernet
     importance: artifacts.UnitImportance
     device: torch.device
-    polish_epochs: float
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """Validation metrics: read once per final model."""
@@ -130,7 +129,7 @@ class SeedContext:
         return {stage: record["wall_time_s"] for stage, record in self.run.manifest()["stages"].items()}
 
 
-def load_context(recipe: Recipe, device: torch.device, polish_epochs: float) -> SeedContext:
+def load_context(recipe: Recipe, device: torch.device) -> SeedContext:
     run = RunDir(recipe)
     data = recipe_task_data(recipe, load_tokenizer(recipe.model.name))
     teacher = load_model(artifacts.teacher_folder(recipe, run, by=BY), data.spec).to(device).eval()
@@ -138,7 +137,7 @@ def load_context(recipe: Recipe, device: torch.device, polish_epochs: float) -> 
     # Most important units first, as in the super-network: every baseline cut keeps the best units.
     elastic.reorder(teacher, list(importance.heads), list(importance.neurons))
     supernet = Supernet.load(run, data.spec, by=BY).to(device)
-    return SeedContext(recipe, run, data, teacher, supernet, importance, device, polish_epochs)
+    return SeedContext(recipe, run, data, teacher, supernet, importance, device)
 
 
 # ---- cells -------------------------------------------------------------------------------------
@@ -241,8 +240,9 @@ def kd_finetune(context: SeedContext, student: torch.nn.Module, description: str
     return context.evaluate(trained), wall
 
 
-def measure(context: SeedContext, method: str, budget: float) -> dict:
-    """One cell: `method` cut to `budget`, evaluated on the validation split."""
+def measure(context: SeedContext, method: str, budget: float, polish_epochs: float) -> dict:
+    """One cell: `method` cut to `budget`, evaluated on the validation split (eftnas + polish: its
+    subnet polished `polish_epochs`)."""
     supernet = context.supernet
     target = budget * supernet.full_macs
 
@@ -261,7 +261,7 @@ def measure(context: SeedContext, method: str, budget: float) -> dict:
         pipeline_wall = sum(walls.get(s, 0.0) for s in EFTNAS_STAGES)
         if method == "eftnas+polish":
             polished = polish(supernet.extract(subnet), context.teacher, context.data, context.recipe.supernet,
-                              context.polish_epochs, search_rows_read=pareto.eval_rows,
+                              polish_epochs, search_rows_read=pareto.eval_rows,
                               cap=context.recipe.search.max_eval_samples, seed=context.recipe.seed,
                               device=context.recipe.device, description=f"polish @ {budget:g}")
             return cell(context, method, budget, subnet, context.evaluate(polished.model), pipeline_wall + polished.wall_s,
@@ -330,7 +330,7 @@ def bench_task(task: str, args: argparse.Namespace, store: CellStore, device: to
                 run_pipeline(teacher_recipe, until="finetune")
             console.rule(f"[bold]eftnas pipeline[/bold] ({task}, seed {seed})")
             run_pipeline(recipe, until="search")
-            context = load_context(recipe, device, args.polish_epochs)
+            context = load_context(recipe, device)
             if facts is None:
                 facts = task_facts(context, teacher_run)
                 store.put(*facts_key, facts)
@@ -338,7 +338,7 @@ def bench_task(task: str, args: argparse.Namespace, store: CellStore, device: to
                 if value is None:
                     key, decided = wanted[(method, budget)]
                     console.print(f"{key}: measuring")
-                    found[(method, budget)] = measure(context, method, budget)
+                    found[(method, budget)] = measure(context, method, budget, args.polish_epochs)
                     store.put(key, decided, found[(method, budget)])
         cells += [{**value, "seed": seed} for value in found.values()]
     return {**facts, "seeds": seeds, "cells": cells}
@@ -505,9 +505,13 @@ def compute_table(result: dict) -> str:
                      and c.get(wall_key) is not None]
             if cells:
                 choices = [c["polish"] for c in cells if "polish" in c]
-                epochs = sorted({len(c["epoch_scores"]) for c in choices})
-                choice = (f", {'/'.join(map(str, epochs))} epoch(s); the unpolished weights kept in {sum(c['kept_epoch'] == 0 for c in choices)} of {len(choices)} "
-                          f"seeds ({sum(c.get('start_competes', False) for c in choices)} compared on unread search rows)") if choices else ""
+                choice = ""
+                if choices:
+                    epochs = "/".join(map(str, sorted({len(c["epoch_scores"]) for c in choices})))
+                    kept = sum(c["kept_epoch"] == 0 for c in choices)
+                    unread = sum(c.get("start_competes", False) for c in choices)
+                    choice = (f", {epochs} epoch(s); the unpolished weights kept in {kept} of {len(choices)} seeds "
+                              f"({unread} compared on unread search rows)")
                 rows.append([f"{METHODS[method]} @ {budget:g}", common.format_duration(statistics.mean(c[wall_key] for c in cells)),
                              note + choice])
     rows.append(["teacher (shared, once)", common.format_duration(result["teacher_wall_s"]), "finetune"])

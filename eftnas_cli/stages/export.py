@@ -119,8 +119,8 @@ def export(recipe: Recipe, budgets=None, trial: int | None = None, subnet_file: 
     split = data.main_eval
     # The re-check measures as the search did: its rows, its precision.
     pareto = artifacts.load_pareto(run, by=BY) if run.record("search") else None
-    search_rows, search_precision = (pareto.eval_rows, pareto.mixed_precision) if pareto else (len(data.search), "no")
-    search_rows_read = data.search.select(range(min(search_rows, len(data.search))))
+    rows_read, search_precision = (pareto.eval_rows, pareto.mixed_precision) if pareto else (len(data.search), "no")
+    recheck_rows = data.search.select(range(min(rows_read, len(data.search))))
 
     teacher = load_model(teacher_dir, data.spec).to(device).eval()
     summary = {"teacher": {
@@ -146,7 +146,7 @@ def export(recipe: Recipe, budgets=None, trial: int | None = None, subnet_file: 
             exported = load_model(str(folder), data.spec).to(device).eval()
             if record is not None:
                 with autocast(search_precision, device):
-                    rechecked = evaluate(exported, search_rows_read, data.collator, data.spec)["score"]
+                    rechecked = evaluate(exported, recheck_rows, data.collator, data.spec)["score"]
                 if abs(rechecked - record["score"]) > section.max_metric_drop:
                     raise RuntimeError(
                         f"{label}: exported model scores {rechecked:.4f}, the search recorded {record['score']:.4f}"
@@ -161,7 +161,7 @@ def export(recipe: Recipe, budgets=None, trial: int | None = None, subnet_file: 
             }
             if section.finetune_epochs > 0:
                 polished = polish(exported, teacher, data, recipe.supernet, section.finetune_epochs,
-                                  search_rows_read=search_rows, cap=recipe.search.max_eval_samples, seed=recipe.seed,
+                                  search_rows_read=rows_read, cap=recipe.search.max_eval_samples, seed=recipe.seed,
                                   device=recipe.device, description=f"polishing {label} (KD from the teacher)")
                 entry["polish"] = polished.to_dict()
                 entry["polish_wall_s"] = polished.wall_s
