@@ -104,7 +104,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", nargs="+", type=float, default=[5e-5, 1.5e-5], help="polish learning rates to compare")
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.35], help="budgets whose choice is polished")
     parser.add_argument("--epochs", nargs="+", type=float, default=[1.0], help="polish epochs to compare (export.finetune_epochs)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if any(value <= 0 for value in [*args.epochs, *args.lr]):
+        parser.error("--epochs and --lr take positive numbers")
+    return args
 
 
 def main(argv=None) -> int:

@@ -236,6 +236,12 @@ def test_cell_fingerprints_follow_what_each_method_reads(monkeypatch):
     assert bench_quality.fingerprint(base, recipe("finetune.epochs=1"), "b", 0.5, 1.0) != fingerprint(base, "b")
 
 
+def test_bench_polish_refuses_a_setting_that_is_not_positive():
+    for bad in (["--epochs", "0"], ["--lr=-1e-5"]):
+        result = run_script("bench_polish.py", "--run", "runs/none", *bad)
+        assert result.returncode == 2 and "--epochs and --lr take positive numbers" in result.stderr
+
+
 def test_seeds_default_per_task_and_one_list_for_every_task_when_given(monkeypatch):
     monkeypatch.syspath_prepend(str(SCRIPTS))
     import bench_quality
