@@ -13,17 +13,17 @@ the journal.
 Claims. Workers never evaluate a subnet twice nor beyond the study's budget of distinct subnets:
 a trial first writes its claim (the user attribute `claim`: its subnet's key) to the storage, then
 reads the study (`StudyState.read`) and decides (`StudyState.decide`):
-- a complete trial measured the subnet already: a repeat, which copies its values;
+- a complete trial measured the subnet already: a repeat, which copies its values (`REPEAT_ATTR`);
 - another trial in progress claims the subnet: withdraw (the trial ends pruned, unmeasured);
 - the distinct subnets complete or claimed in progress, this one included, exceed the budget: withdraw;
 - otherwise: evaluate.
 Why that is safe: each trial writes before it reads, and the storage shows a committed write to
-every later read (one transaction per write in an RDB, one append-only log for the journal). Of
-two trials that claim the same subnet, the one that reads second therefore sees the other's claim;
-likewise the last of budget+1 trials claiming distinct subnets sees them all. A claim stays
-visible while its trial runs and after it completes. The price of the rule: two trials that claim
-the same subnet at the same instant may both see each other and both withdraw; the sampler then
-proposes again.
+every later read (one transaction per write in an RDB, serialized in SQLite, one append-only log
+for the journal). Of two trials that claim the same subnet, the one that reads second therefore
+sees the other's claim; likewise the last of budget+1 trials claiming distinct subnets sees them
+all. A claim stays visible while its trial runs and after it completes. The price of the rule: two
+trials that claim the same subnet at the same instant may both see each other and both withdraw;
+the sampler then proposes again.
 """
 
 from __future__ import annotations
@@ -49,6 +49,10 @@ HEARTBEAT_S = 30  # a running trial's heartbeat: a trial silent for two is stale
 GRACE_S = 2 * HEARTBEAT_S
 JOURNAL_PREFIX = "journal:"
 CLAIM_ATTR = "claim"
+# A trial that found its subnet measured copies the measuring trial's values and names it here.
+# Repeats are never a subnet's record: a repeat can carry a lower number than the trial it copied
+# (an enqueued trial waits while another worker's sampler proposes and measures the same subnet).
+REPEAT_ATTR = "repeat_of"
 BEAT_ATTR = "eftnas:heartbeat"
 # How often a worker whose budget is all claimed looks again whether the trials in progress ended.
 POLL_S = 2.0
@@ -104,6 +108,27 @@ def _write_ahead_log(storage: RDBStorage) -> None:
         connection.exec_driver_sql("PRAGMA journal_mode=WAL")
 
 
+def _serialized_transactions(storage: RDBStorage) -> None:
+    """Makes every SQLite transaction of `storage` take the file's write lock when it begins, so
+    that a transaction's reads and writes are one step for the other workers. Python's sqlite3
+    begins a transaction only at its first write, so Optuna's read-then-write steps were not: two
+    workers popping the same enqueued trial both read it waiting and both set it running (19 of
+    300 trials, two processes popping a queue), and the slower one failed when the other finished
+    it. Writers that find the lock held wait for it (`SQLITE_BUSY_TIMEOUT_S`); reads are short.
+    The recipe is SQLAlchemy's for pysqlite transactions."""
+    import sqlalchemy
+
+    @sqlalchemy.event.listens_for(storage.engine, "connect")
+    def _no_implicit_begin(dbapi_connection, connection_record) -> None:
+        dbapi_connection.isolation_level = None
+
+    @sqlalchemy.event.listens_for(storage.engine, "begin")
+    def _begin_with_the_write_lock(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    storage.engine.dispose()  # the connections Optuna opened so far began transactions the old way
+
+
 def open_storage(url: str) -> BaseStorage:
     """The storage at `url` (see the module doc), with heartbeats; a URL that cannot be used is a
     one-line `UserError` naming it (without its password)."""
@@ -123,6 +148,7 @@ def open_storage(url: str) -> BaseStorage:
                 storage = RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
             if url.startswith("sqlite"):
                 _write_ahead_log(storage)
+                _serialized_transactions(storage)
             return storage
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as error:
             if attempt == 3:
@@ -156,7 +182,8 @@ class Claim(Enum):
 
 @dataclass
 class StudyState:
-    """What a study holds, by subnet: the first complete trial of each, and the claims of trials in progress."""
+    """What a study holds, by subnet: the complete trial that measured it (not a repeat), and the
+    claims of trials in progress."""
 
     complete: dict[str, FrozenTrial] = field(default_factory=dict)
     claims: dict[int, str] = field(default_factory=dict)  # running trial number -> its subnet key
@@ -166,7 +193,8 @@ class StudyState:
         state = cls()
         for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
             if trial.state == TrialState.COMPLETE:
-                state.complete.setdefault(subnet_key(trial.params), trial)
+                if REPEAT_ATTR not in trial.user_attrs:
+                    state.complete.setdefault(subnet_key(trial.params), trial)
             elif CLAIM_ATTR in trial.user_attrs:
                 state.claims[trial.number] = trial.user_attrs[CLAIM_ATTR]
         return state

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from eftnas_cli import studies
 from eftnas_cli.cli import app
-from eftnas_cli.stages.search import REPEAT_ATTR, WORKER_ATTR
+from eftnas_cli.stages.search import WORKER_ATTR
 from eftnas_cli.studies import Claim, StudyState
 from eftnas_cli.testing import write_tiny_recipe
 
@@ -31,10 +31,10 @@ SEARCH = [f"search.trials={BUDGET}", "search.population=4"]
 
 
 # ---- the claim rule -------------------------------------------------------------------------------
-def complete_trial(number: int, heads: int) -> optuna.trial.FrozenTrial:
+def complete_trial(number: int, heads: int, repeat_of: int | None = None) -> optuna.trial.FrozenTrial:
     trial = optuna.trial.create_trial(params={"layer0.heads": heads},
                                       distributions={"layer0.heads": optuna.distributions.CategoricalDistribution([1, 2, 3, 4])},
-                                      values=[0.5, 1.0])
+                                      values=[0.5, 1.0], user_attrs={} if repeat_of is None else {studies.REPEAT_ATTR: repeat_of})
     trial.number = number
     return trial
 
@@ -48,6 +48,20 @@ def test_a_sqlite_study_file_keeps_a_write_ahead_log(tmp_path):
     studies.open_storage(url)
     with sqlite3.connect(tmp_path / "studies" / "search.db") as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_sqlite_study_transaction_holds_the_write_lock_from_its_first_read(tmp_path):
+    """Optuna pops an enqueued trial by reading it waiting, then setting it running, in one
+    transaction: the read must already keep other workers from writing, or two pop the same trial."""
+    storage = studies.open_storage(studies.default_storage_url(tmp_path))
+    with storage.engine.connect() as connection:
+        connection.exec_driver_sql("SELECT count(*) FROM trials")
+        other = sqlite3.connect(tmp_path / "studies" / "search.db", timeout=0.1, isolation_level=None)
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("UPDATE trials SET state = state")
+        connection.rollback()
+        other.execute("UPDATE trials SET state = state")  # the lock ends with the transaction
+        other.close()
 
 
 def test_claim_rule():
@@ -64,13 +78,29 @@ def test_claim_rule():
 def test_study_state_reads_complete_trials_and_claims_of_running_ones():
     study = optuna.create_study(directions=["maximize", "minimize"])
     study.add_trial(complete_trial(0, 1))
-    study.add_trial(complete_trial(1, 1))  # a repeat: the first trial stays the subnet's record
+    study.add_trial(complete_trial(1, 1))  # measured twice (a study from before claims): the first is the record
+    # A repeat numbered before the trial it copied (it waited in the queue while another worker
+    # measured its subnet) is never the record: it carries no measures of its own.
+    study.add_trial(complete_trial(2, 3, repeat_of=3))
+    study.add_trial(complete_trial(3, 3))
     running = study.ask()
     running.set_user_attr(studies.CLAIM_ATTR, key(2))
     study.ask()  # running, not yet claimed: no subnet of its own yet
     state = StudyState.read(study)
-    assert {k: t.number for k, t in state.complete.items()} == {key(1): 0}
+    assert {k: t.number for k, t in state.complete.items()} == {key(1): 0, key(3): 3}
     assert state.claims == {running.number: key(2)}
+
+
+def test_search_records_come_from_measuring_trials_not_repeats():
+    from eftnas_cli.stages.search import OBJECTIVES, trial_records
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.add_trial(complete_trial(0, 2, repeat_of=1))  # enqueued first, popped after trial 1 measured it
+    measured = complete_trial(1, 2)
+    measured.user_attrs = {"macs": 7, "params": 3, "metrics": {"score": 0.5}, "subnet": {"heads": [2]}}
+    study.add_trial(measured)
+    assert trial_records(study, list(OBJECTIVES[:2])) == [
+        {"trial": 1, "score": 0.5, "gmacs": 1.0, "macs": 7, "params": 3, "metrics": {"score": 0.5}, "subnet": {"heads": [2]}}]
 
 
 # ---- real workers ---------------------------------------------------------------------------------
@@ -108,7 +138,7 @@ def check_study(storage_url: str, run_dir: Path, workers: int) -> None:
     study = optuna.load_study(study_name=None, storage=studies.open_storage(storage_url))
     trials = study.get_trials(deepcopy=False)
     assert not [t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING]
-    measured = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and REPEAT_ATTR not in t.user_attrs]
+    measured = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and studies.REPEAT_ATTR not in t.user_attrs]
     subnets = Counter(studies.subnet_key(t.params) for t in measured)
     assert [subnet for subnet, count in subnets.items() if count > 1] == [], "a subnet was measured twice"
     assert len(measured) == BUDGET
@@ -206,7 +236,7 @@ def test_after_nsga_ii_the_search_climbs_from_the_best_subnet_within_the_budget(
     run_copy = tmp_path / run_dir.name
     study = optuna.load_study(study_name=None, storage=studies.open_storage(studies.default_storage_url(run_copy)))
     measured = [t for t in study.get_trials(deepcopy=False)
-                if t.state == optuna.trial.TrialState.COMPLETE and REPEAT_ATTR not in t.user_attrs]
+                if t.state == optuna.trial.TrialState.COMPLETE and studies.REPEAT_ATTR not in t.user_attrs]
     assert len(measured) == BUDGET
     space = SearchSpace.load(run_copy / "supernet" / "search_space.json")
     subnets = [space.subnet_from_params(t.params) for t in measured]

@@ -49,9 +49,8 @@ CLIMB_BATCH = 4
 DRAWS_PER_SLOT = 50
 # gen-space's targets may land this much above a budget (space.tolerance's default).
 TARGET_TOLERANCE = 1.02
-# A trial's user attributes besides its measures: which worker measured it; which trial a repeat copied.
+# A trial's user attribute besides its measures: which worker measured it.
 WORKER_ATTR = "worker"
-REPEAT_ATTR = "repeat_of"
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 # How long a worker whose study is done waits for another holder of the run directory's lock
 # (another worker writing the same result, say) before it leaves the writing to a re-run.
@@ -146,7 +145,7 @@ class SubnetObjective:
         if claim is studies.Claim.REPEAT:
             # The values tell the sampler; the records (`trial_records`) come from the first trial.
             first = state.complete[key]
-            trial.set_user_attr(REPEAT_ATTR, first.number)
+            trial.set_user_attr(studies.REPEAT_ATTR, first.number)
             return tuple(first.values)
         if claim is not studies.Claim.EVALUATE:
             raise optuna.TrialPruned(f"withdrawn: {claim.value}")
@@ -183,23 +182,12 @@ def choose_per_budget(records: list[dict], budgets: list[float], full_macs: int,
 
 
 def trial_records(study: optuna.Study, objectives: list[Objective]) -> list[dict]:
-    """One record per distinct subnet: its first trial (repeats carry the same values)."""
-    records, seen = [], set()
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        key = tuple(sorted(trial.params.items()))
-        if key in seen:
-            continue
-        seen.add(key)
-        attrs = trial.user_attrs
-        records.append({
-            "trial": trial.number,
-            **{objective.name: value for objective, value in zip(objectives, trial.values)},
-            "macs": attrs["macs"],
-            "params": attrs["params"],
-            "metrics": attrs["metrics"],
-            "subnet": attrs["subnet"],
-        })
-    return records
+    """One record per distinct subnet, from the trial that measured it (`StudyState`), in trial order."""
+    return [{
+        "trial": trial.number,
+        **{objective.name: value for objective, value in zip(objectives, trial.values)},
+        **{name: trial.user_attrs[name] for name in ("macs", "params", "metrics", "subnet")},
+    } for trial in studies.StudyState.read(study).complete.values()]
 
 
 def _write_trials_csv(records: list[dict], objectives: list[Objective], full_macs: int, path: Path) -> None:
