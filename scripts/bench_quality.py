@@ -19,16 +19,17 @@ does it, keeping the weights (before the polish or after one of its epochs) that
 search rows the search did not read (`training.polish_selection_rows`).
 
 eftnas is the search's choice per budget (`search.tie_standard_errors`), made on the search rows
-(held out of the train split); every model is evaluated once on the task's validation split. (b), (d) and the polish train
+(held out of the train split); every model is evaluated once on the task's validation split. (b) and (d) train
 per budget, so they run at --budgets only; eftnas, (a) and (c) need no extra training and run at
---extra-budgets too. Each finished (task, seed, method, budget) cell is kept in
+--extra-budgets too. The polish also trains per budget; it runs at --polish-budgets (default: --budgets and
+the extra budgets with a retention target, 0.25). Each finished (task, seed, method, budget) cell is kept in
 `docs/benchmarks_quality_cells.json` (beside the report, committed with it), so the bench can be
 spread over several sittings, on other machines too: a re-run does only what is missing. Writes a
 markdown report (default docs/benchmarks.md) rendered from its JSON (docs/benchmarks_quality.json,
 with a top-level `summary` list), and prints the targets.
 
     python scripts/bench_quality.py [--tasks mrpc sst2] [--seeds 0 1 2 ...] [--budgets 0.5 0.35]
-        [--extra-budgets 0.7 0.25] [--train-samples TASK=N ...] [--remeasure METHOD ...] [--device cpu|cuda] [--recipe FILE]
+        [--extra-budgets 0.7 0.25] [--polish-budgets 0.5 0.35 0.25] [--train-samples TASK=N ...] [--remeasure METHOD ...] [--device cpu|cuda] [--recipe FILE]
         [--run-root runs/bench] [--out docs/benchmarks.md] [--smoke] [key=value ...]
 
 Trailing key=value arguments override the recipe (after the bench's own settings). `--smoke`
@@ -85,7 +86,7 @@ METHODS = {
     "c": "(c) uniform width (super-network)",
     "d": "(d) layer drop + KD",
 }
-TRAINED_PER_BUDGET = ("eftnas+polish", "b", "d")  # a fine-tune per budget: --budgets only
+TRAINED_PER_BUDGET = ("b", "d")  # a fine-tune per budget: --budgets only
 BASELINES = ("a", "b", "c", "d")
 # eftnas's training cost after the teacher: the stages that train, score or search.
 EFTNAS_STAGES = ("importance", "gen-space", "train-supernet", "search")
@@ -305,7 +306,7 @@ def cell_plan(args: argparse.Namespace) -> list[tuple[str, float]]:
     for budget in sorted({*args.budgets, *args.extra_budgets}, reverse=True):
         plan += [(method, budget) for method in METHODS if method != "teacher"
                  and (method not in TRAINED_PER_BUDGET or budget in args.budgets)
-                 and (method != "eftnas+polish" or args.polish_epochs > 0)]
+                 and (method != "eftnas+polish" or (args.polish_epochs > 0 and budget in args.polish_budgets))]
     return plan
 
 
@@ -441,6 +442,11 @@ def target_checks(task: str, result: dict, budgets: list[float]) -> list[common.
             else:
                 checks.append(common.TargetCheck(scope, f"eftnas beats ({method}) by more than the paired sd",
                                                  f"{mean:+.2f} ± {sd:.2f}", mean > sd))
+        polished_kept = summary.get(("eftnas+polish", budget))
+        if need is not None and polished_kept is not None and polished_kept["retention_mean"] is not None:
+            kept = 100 * polished_kept["retention_mean"]
+            checks.append(common.TargetCheck(scope, f"eftnas + polish keeps >= {need:g}% of the teacher (mean)",
+                                             f"{kept:.1f}%", kept >= need))
         polished = paired_difference(result, "b", budget, metric, ours="eftnas+polish")
         if polished is not None:
             checks.append(common.TargetCheck(scope, "eftnas + polish >= (b) (mean)",
@@ -496,7 +502,7 @@ def compute_table(result: dict) -> str:
         stages = {s: statistics.mean(c["stage_walls"].get(s, 0.0) for c in per_seed.values()) for s in EFTNAS_STAGES}
         rows.append(["eftnas (every budget at once)", common.format_duration(statistics.mean(walls)),
                      ", ".join(f"{s} {common.format_duration(w)}" for s, w in stages.items())])
-    for method in TRAINED_PER_BUDGET:
+    for method in ("eftnas+polish", *TRAINED_PER_BUDGET):
         # The polish's own fine-tune; its cells' train_wall_s include the eftnas pipeline too.
         polish = method == "eftnas+polish"
         wall_key, note = ("polish_wall_s", "one budget, on top of eftnas") if polish else ("train_wall_s", "one budget")
@@ -585,6 +591,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # budgets x 3 seeds (docs/benchmarks_polish_epochs.md).
     parser.add_argument("--polish-epochs", type=float, default=2.0,
                         help="KD fine-tune epochs of eftnas's subnets (eftnas + polish); 0 skips that method")
+    parser.add_argument("--polish-budgets", nargs="+", type=float, default=None,
+                        help="budgets of eftnas + polish, among --budgets and --extra-budgets (default: --budgets "
+                        "and the extra budgets with a retention target)")
     parser.add_argument("--remeasure", nargs="+", default=[], choices=[m for m in METHODS if m != "teacher"],
                         metavar="METHOD", help="measure these methods' cells again even where a kept cell is current, "
                         "e.g. `--remeasure b` to compare training wall times taken in one sitting on one machine")
@@ -604,6 +613,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
     if any(not 0 < budget <= 1 for budget in [*args.budgets, *args.extra_budgets]):
         parser.error("budgets are fractions of the dense MACs in (0, 1]")
+    if args.polish_budgets is None:
+        args.polish_budgets = [*args.budgets, *(b for b in args.extra_budgets if retention_target(b) is not None)]
+    elif not set(args.polish_budgets) <= {*args.budgets, *args.extra_budgets}:
+        parser.error("--polish-budgets must be among --budgets and --extra-budgets")
     try:
         args.train_samples = {task: None if n == "all" else int(n)
                               for task, n in (item.split("=", 1) for item in args.train_samples)}
@@ -625,6 +638,7 @@ def run(args: argparse.Namespace, scratch: Path | None) -> int:
             root / "inputs", {"task.search_fraction": 0.25}, task=SMOKE_TASK)
         args.tasks, args.seeds, args.run_root = [SMOKE_TASK], SMOKE_SEEDS, root
         args.budgets, args.extra_budgets, args.train_samples = SMOKE_BUDGETS, SMOKE_EXTRA_BUDGETS, {SMOKE_TASK: None}
+        args.polish_budgets = SMOKE_BUDGETS
         args.out = args.out or scratch / "benchmarks.md"
     args.run_root = args.run_root or Path("runs/bench")
     out = args.out or DEFAULT_OUT

@@ -253,6 +253,21 @@ def test_seeds_default_per_task_and_one_list_for_every_task_when_given(monkeypat
     assert bench_quality.task_seeds("mrpc", given) == bench_quality.task_seeds("sst2", given) == [7, 8]
 
 
+def test_the_polish_runs_at_the_trained_budgets_and_where_a_retention_target_is_set(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import bench_quality
+
+    def polished(argv):
+        return sorted(budget for method, budget in bench_quality.cell_plan(bench_quality.parse_args(argv))
+                      if method == "eftnas+polish")
+
+    assert polished([]) == [0.25, 0.35, 0.5]  # not 0.7: no target there
+    assert polished(["--polish-budgets", "0.7"]) == [0.7]
+    assert polished(["--polish-epochs", "0"]) == []
+    result = run_script("bench_quality.py", "--polish-budgets", "0.6")
+    assert result.returncode == 2 and "--polish-budgets must be among --budgets and --extra-budgets" in result.stderr
+
+
 def test_bench_choice_cross_validation_prefers_more_macs_only_among_near_ties(monkeypatch):
     monkeypatch.syspath_prepend(str(SCRIPTS))
     import bench_choice
