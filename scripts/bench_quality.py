@@ -29,7 +29,8 @@ markdown report (default docs/benchmarks.md) rendered from its JSON (docs/benchm
 with a top-level `summary` list), and prints the targets.
 
     python scripts/bench_quality.py [--tasks mrpc sst2] [--seeds 0 1 2 ...] [--budgets 0.5 0.35]
-        [--extra-budgets 0.7 0.25] [--polish-budgets 0.5 0.35 0.25] [--train-samples TASK=N ...] [--remeasure METHOD ...] [--device cpu|cuda] [--recipe FILE]
+        [--extra-budgets 0.7 0.25] [--polish-budgets 0.5 0.35 0.25] [--train-samples TASK=N ...]
+        [--remeasure METHOD ...] [--device cpu|cuda] [--recipe FILE]
         [--run-root runs/bench] [--out docs/benchmarks.md] [--smoke] [key=value ...]
 
 Trailing key=value arguments override the recipe (after the bench's own settings). `--smoke`
