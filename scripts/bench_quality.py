@@ -547,7 +547,9 @@ def render_report(results: dict[str, dict], header: dict) -> str:
         "model. (a) the teacher pruned by one importance threshold, no retraining; (b) that architecture",
         "fine-tuned with KD like the super-network; (c) the super-network at a uniform width;",
         "(d) evenly spaced full layers of the teacher fine-tuned with KD like (b). (b) and (d) train",
-        "once per budget, so they run at the main budgets only.",
+        "once per budget, so they run at the main budgets only. eftnas + polish, eftnas's subnet fine-tuned",
+        "with KD (`export.finetune_epochs`), trains per budget too: at the main budgets and at the",
+        "extra budgets with a retention target.",
     ]
     for task, result in results.items():
         lines += [
