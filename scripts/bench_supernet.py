@@ -2,7 +2,8 @@
 
 Every variant is the recipe (default configs/quickstart.yaml) plus a few overrides of the
 `supernet` section; each runs the pipeline through `search` in its own run directory
-(`<run-root>/<task>-<variant>-s<seed>`), all sharing one fine-tuned teacher. A variant is scored by
+(`<run-root>/<task>-<variant>-s<seed>`; the recipe's own: `<task>-s<seed>`, as bench_quality names it, so
+an ablation with its settings and run root reuses its runs), all sharing one fine-tuned teacher. A variant is scored by
 the search's choice per budget on the search rows (held out of the train split: no stage
 trains on them, and the validation split is never read here), mean ± sd over seeds, with the
 super-network's training wall time beside it. Where the search reads only the first
@@ -151,9 +152,15 @@ def unread_scores(loaded: LoadedRun, pareto: artifacts.ParetoRecord, budgets: li
     return cached(loaded, UNREAD_FILE, settings, compute)
 
 
+def run_name(task: str, variant: str, seed: int) -> str:
+    """The recipe variant's run has bench_quality's name for its seed, so that an ablation with the
+    quality bench's settings and run root reuses its runs instead of training them again."""
+    return f"{task}-s{seed}" if variant == "recipe" else f"{task}-{variant}-s{seed}"
+
+
 def run_variant(args, variant: str, seed: int, teacher: str) -> dict:
     base = load_recipe(args.recipe, args.overrides)
-    overrides = [f"task.name={args.task}", f"name={args.task}-{variant}-s{seed}", f"output_dir={args.run_root}",
+    overrides = [f"task.name={args.task}", f"name={run_name(args.task, variant, seed)}", f"output_dir={args.run_root}",
                  f"seed={seed}", f"model.teacher={teacher}", f"search.budgets={args.budgets}",
                  *args.overrides, *variant_overrides(variant, base.supernet.epochs)]
     recipe = load_recipe(args.recipe, overrides)
