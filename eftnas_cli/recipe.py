@@ -184,7 +184,8 @@ class SupernetSection(ResumableTrainingSection):
     num_random_subnets: int = Field(1, ge=0, description="random subnets per step between largest and smallest")
     random_subnets: Literal["spread", "uniform"] = Field("uniform", description=(
         "how they are drawn: spread = evenly over the space's MACs range (between neighbouring gen-space "
-        "targets); uniform = each layer's widths uniformly among its choices (most land mid-range)"))
+        "targets); uniform = each layer's widths uniformly among its choices (most land mid-range). On MRPC "
+        "spread scored lower in every MACs band (docs/benchmarks_search.md)"))
     distillation_weight: float = Field(0.9, ge=0, le=1, description="KD share of the loss; rest is hard labels")
     temperature: float = Field(2.0, gt=0)
     hidden_distillation_weight: float = Field(0.0, ge=0, description=(
