@@ -420,6 +420,13 @@ def paired_difference(result: dict, method: str, budget: float, metric: str,
 
 
 # ---- targets -------------------------------------------------------------------------------------
+def retention_check(scope: str, method: str, entry: dict | None, need: float) -> common.TargetCheck:
+    """`method` (its summary entry, None if unmeasured) keeps `need` % of the teacher."""
+    kept = None if entry is None or entry["retention_mean"] is None else 100 * entry["retention_mean"]
+    return common.TargetCheck(scope, f"{method} keeps >= {need:g}% of the teacher (mean)",
+                              "-" if kept is None else f"{kept:.1f}%", None if kept is None else kept >= need)
+
+
 def target_checks(task: str, result: dict, budgets: list[float]) -> list[common.TargetCheck]:
     metric = result["metric"]
     summary = {(e["method"], e["budget"]): e for e in summary_entries(task, result) if e["metric"] == metric}
@@ -429,9 +436,7 @@ def target_checks(task: str, result: dict, budgets: list[float]) -> list[common.
         ours = summary.get(("eftnas", budget))
         need = retention_target(budget)
         if need is not None:
-            kept = None if ours is None or ours["retention_mean"] is None else 100 * ours["retention_mean"]
-            checks.append(common.TargetCheck(scope, f"eftnas keeps >= {need:g}% of the teacher (mean)",
-                                             "-" if kept is None else f"{kept:.1f}%", None if kept is None else kept >= need))
+            checks.append(retention_check(scope, "eftnas", ours, need))
         for method in BASELINES:
             difference = paired_difference(result, method, budget, metric)
             if difference is None:
@@ -445,9 +450,7 @@ def target_checks(task: str, result: dict, budgets: list[float]) -> list[common.
                                                  f"{mean:+.2f} ± {sd:.2f}", mean > sd))
         polished_kept = summary.get(("eftnas+polish", budget))
         if need is not None and polished_kept is not None and polished_kept["retention_mean"] is not None:
-            kept = 100 * polished_kept["retention_mean"]
-            checks.append(common.TargetCheck(scope, f"eftnas + polish keeps >= {need:g}% of the teacher (mean)",
-                                             f"{kept:.1f}%", kept >= need))
+            checks.append(retention_check(scope, "eftnas + polish", polished_kept, need))
         polished = paired_difference(result, "b", budget, metric, ours="eftnas+polish")
         if polished is not None:
             checks.append(common.TargetCheck(scope, "eftnas + polish >= (b) (mean)",

@@ -2,11 +2,11 @@
 
 Every variant is the recipe (default configs/quickstart.yaml) plus a few overrides of the
 `supernet` section; each runs the pipeline through `search` in its own run directory
-(`<run-root>/<task>-<variant>-s<seed>`; the recipe's own: `<task>-s<seed>`, as bench_quality names it, so
-an ablation with its settings and run root reuses its runs), all sharing one fine-tuned teacher. A variant is scored by
-the search's choice per budget on the search rows (held out of the train split: no stage
-trains on them, and the validation split is never read here), mean ± sd over seeds, with the
-super-network's training wall time beside it. Where the search reads only the first
+(`<run-root>/<task>-<variant>-s<seed>`; the recipe's own: `<task>-s<seed>`, as bench_quality names
+it, so an ablation with its settings and run root reuses its runs), all sharing one fine-tuned
+teacher. A variant is scored by the search's choice per budget on the search rows (held out of
+the train split: no stage trains on them, and the validation split is never read here), mean ± sd
+over seeds, with the super-network's training wall time beside it. Where the search reads only the first
 `search.max_eval_samples` search rows (SST-2), a second table scores the same choices on the rows it
 did not read, free of the selection's optimism, with each variant's paired difference from the first.
 A last table reads each super-network without the search's selection noise: the mean score of a

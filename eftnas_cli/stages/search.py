@@ -143,10 +143,10 @@ class SubnetObjective:
         state = studies.StudyState.read(trial.study)
         claim = state.decide(trial.number, key, self.wanted)
         if claim is studies.Claim.REPEAT:
-            # The values tell the sampler; the records (`trial_records`) come from the first trial.
-            first = state.complete[key]
-            trial.set_user_attr(studies.REPEAT_ATTR, first.number)
-            return tuple(first.values)
+            # The values tell the sampler; the records (`trial_records`) come from the measuring trial.
+            measured = state.complete[key]
+            trial.set_user_attr(studies.REPEAT_ATTR, measured.number)
+            return tuple(measured.values)
         if claim is not studies.Claim.EVALUATE:
             raise optuna.TrialPruned(f"withdrawn: {claim.value}")
         values = {objective.name: objective.measure(self.evaluator, subnet) for objective in self.objectives}
