@@ -55,6 +55,8 @@ VARIANTS = {
     "pretrained": ["supernet.start_from=pretrained"],
     "cosine": ["supernet.lr_scheduler=cosine", "supernet.warmup=0"],
     "lr-3e-5": ["supernet.learning_rate=3.0e-5"],
+    "lr-1e-4": ["supernet.learning_rate=1.0e-4"],
+    "lr-2e-4": ["supernet.learning_rate=2.0e-4"],
     "random-0": ["supernet.num_random_subnets=0"],
     "random-2": ["supernet.num_random_subnets=2"],
     "spread": ["supernet.random_subnets=spread"],
@@ -187,22 +189,37 @@ def percent_mean_sd(fractions: list[float | None]) -> str:
     return common.mean_sd(points) if points else "-"
 
 
+def paired_cell(results: list[dict], variant: str, reference: str, value) -> str:
+    """`mean ± sd` over `variant`'s seeds of `value(result)` (a fraction, or None where absent), in points;
+    for a variant other than `reference`, its paired difference from it (same seeds) in brackets."""
+    by_seed = {r["seed"]: r for r in results if r["variant"] == reference}
+    cells = [r for r in results if r["variant"] == variant and value(r) is not None]
+    if not cells:
+        return "-"
+    text = common.mean_sd([100 * value(c) for c in cells])
+    paired = [100 * (value(c) - value(base)) for c in cells
+              if (base := by_seed.get(c["seed"])) is not None and value(base) is not None]
+    if variant != reference and paired:
+        text += f" ({common.mean_sd(paired, signed=True)})"
+    return text
+
+
 def render(results: list[dict], args, header: dict) -> str:
     budgets = [f"{b:g}" for b in args.budgets]
+    variants = [v for v in args.variants if any(r["variant"] == v for r in results)]
+    reference = variants[0]
     rows = []
-    for variant in args.variants:
+    for variant in variants:
         cells = [r for r in results if r["variant"] == variant]
-        if not cells:
-            continue
         rows.append([variant, " ".join(cells[0]["overrides"]) or "(the recipe)", str(len(cells)),
-                     *(percent_mean_sd([c["best"][b] for c in cells]) for b in budgets),
+                     *(paired_cell(results, variant, reference, lambda r, b=b: r["best"][b]) for b in budgets),
                      common.format_duration(statistics.mean(c["supernet_wall_s"] for c in cells))])
     teacher = percent_mean_sd([r["teacher_score"] for r in results])
     table = common.markdown_table(["variant", "overrides", "seeds", *(f"best @ {b} (search rows)" for b in budgets),
                                    "super-network wall time"], rows, align="llr" + "r" * len(budgets) + "r")
     lower = {f"{high:g}": f"{low:g}" for low, high in budget_bands(args.budgets)}
-    panel_rows = [[variant, *(percent_mean_sd([c["panel"][b] for c in cells]) for b in budgets)]
-                  for variant in args.variants if (cells := [r for r in results if r["variant"] == variant])]
+    panel_rows = [[variant, *(paired_cell(results, variant, reference, lambda r, b=b: r["panel"][b]) for b in budgets)]
+                  for variant in variants]
     panel = common.markdown_table(["variant", *(f"panel in ({lower[b]}, {b}] of the MACs" for b in budgets)], panel_rows,
                                   align="l" + "r" * len(budgets))
     return "\n".join([
@@ -211,15 +228,16 @@ def render(results: list[dict], args, header: dict) -> str:
         *common.provenance_lines(header),
         "",
         f"Score = the search's best subnet within each MACs budget, on the {results[0]['search_rows']} search rows "
-        f"it read (held out of the train split; the teacher scores {teacher} there), mean ± sd over seeds. The "
-        "validation split is not read: these figures choose the defaults, `docs/benchmarks.md` reports the chosen ones.",
+        f"it read (held out of the train split; the teacher scores {teacher} there), mean ± sd over seeds; in "
+        f"brackets, the paired difference from `{reference}` (same seeds), in points. The validation split is not "
+        "read: these figures choose the defaults, `docs/benchmarks.md` reports the chosen ones.",
         "",
         table,
         *unread_section(results, args),
         "",
         f"Mean score of a fixed panel of {PANEL_SIZE} random subnets (`sample_spread`) per MACs band, on the first "
-        f"{PANEL_ROWS} search rows at most, mean ± sd over seeds: the super-network's quality in each band without "
-        "the search's choice.",
+        f"{PANEL_ROWS} search rows at most, mean ± sd over seeds (paired difference in brackets): the "
+        "super-network's quality in each band without the search's choice.",
         "",
         panel,
     ]) + "\n"
@@ -231,24 +249,13 @@ def unread_section(results: list[dict], args) -> list[str]:
     if not any(r.get("unread") for r in results):
         return []
     budgets = [f"{b:g}" for b in args.budgets]
-    reference = args.variants[0]
-    by_key = {(r["variant"], r["seed"]): r for r in results}
-    rows = []
-    for variant in args.variants:
-        cells = [r for r in results if r["variant"] == variant and r.get("unread")]
-        if not cells:
-            continue
-        row = [variant, str(len(cells))]
-        for budget in budgets:
-            scores = [100 * c["unread"][budget] for c in cells if budget in c["unread"]]
-            paired = [100 * (c["unread"][budget] - base["unread"][budget]) for c in cells
-                      if (base := by_key.get((reference, c["seed"]))) and budget in c["unread"] and budget in base["unread"]]
-            cell = common.mean_sd(scores) if scores else "-"
-            if variant != reference and paired:
-                cell += f" ({common.mean_sd(paired, signed=True)})"
-            row.append(cell)
-        row.append(common.format_duration(statistics.mean(c["search_wall_s"] for c in cells)))
-        rows.append(row)
+    variants = [v for v in args.variants if any(r["variant"] == v and r.get("unread") for r in results)]
+    rows = [[variant, str(sum(1 for r in results if r["variant"] == variant and r.get("unread"))),
+             *(paired_cell(results, variant, variants[0], lambda r, b=b: (r.get("unread") or {}).get(b)) for b in budgets),
+             common.format_duration(statistics.mean(r["search_wall_s"] for r in results
+                                                     if r["variant"] == variant and r.get("unread")))]
+            for variant in variants]
+    reference = variants[0]
     return [
         "",
         f"The same choices scored on the {results[0]['unread_rows']} search rows the search did not read "

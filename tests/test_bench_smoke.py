@@ -310,6 +310,28 @@ def test_supernet_ablation_pairs_unread_row_scores_with_the_first_variant(monkey
     assert bench_supernet.unread_section([{**r, "unread": {}, "unread_rows": 0} for r in results], args) == []
 
 
+def test_supernet_ablation_pairs_search_row_and_panel_scores_with_the_first_variant(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import bench_supernet
+
+    args = bench_supernet.parse_args(["--variants", "recipe", "lr-3e-5", "--budgets", "0.5", "0.35"])
+
+    def result(variant, seed, best, panel):
+        return {"variant": variant, "seed": seed, "overrides": [] if variant == "recipe" else ["supernet.learning_rate=3.0e-5"],
+                "search_rows": 367, "teacher_score": 0.78, "best": {"0.5": best, "0.35": best - 0.02},
+                "panel": {"0.5": panel, "0.35": None}, "unread": {}, "unread_rows": 0, "supernet_wall_s": 60.0,
+                "search_wall_s": 30.0}
+
+    results = [result("recipe", 0, 0.76, 0.74), result("lr-3e-5", 0, 0.78, 0.75),
+               result("recipe", 1, 0.70, 0.72), result("lr-3e-5", 1, 0.71, 0.74)]
+    header = {"command": "c", "date": "d", "device": "cpu", "machine": {"nproc": 2, "cpu": "x"}, "versions": {}}
+    report = bench_supernet.render(results, args, header)
+    best, panel = [table for table in markdown_tables(report) if table[0][0] == "variant"]
+    assert best[1][3] == "73.00 ± 4.24"  # the reference: no difference of its own
+    assert best[2][3] == "74.50 ± 4.95 (+1.50 ± 0.71)"  # seed by seed: +2 and +1
+    assert panel[2][1:] == ["74.50 ± 0.71 (+1.50 ± 0.71)", "-"]  # a band no panel subnet reached stays "-"
+
+
 def test_supernet_ablation_bad_recipe_input_is_one_line(tmp_path):
     result = run_script("bench_supernet.py", "--task", "no-such-task", "--out", tmp_path / "report.md")
     said = result.stdout + result.stderr
