@@ -55,6 +55,7 @@ VARIANTS = {
     "pretrained": ["supernet.start_from=pretrained"],
     "cosine": ["supernet.lr_scheduler=cosine", "supernet.warmup=0"],
     "lr-3e-5": ["supernet.learning_rate=3.0e-5"],
+    "lr-5e-5": ["supernet.learning_rate=5.0e-5"],  # the quickstart's before docs/benchmarks_supernet_lr.md
     "lr-1e-4": ["supernet.learning_rate=1.0e-4"],
     "lr-2e-4": ["supernet.learning_rate=2.0e-4"],
     "random-0": ["supernet.num_random_subnets=0"],
