@@ -197,7 +197,7 @@ def paired_cell(results: list[dict], variant: str, reference: str, value) -> str
     cells = [r for r in results if r["variant"] == variant and value(r) is not None]
     if not cells:
         return "-"
-    text = common.mean_sd([100 * value(c) for c in cells])
+    text = percent_mean_sd([value(c) for c in cells])
     paired = [100 * (value(c) - value(base)) for c in cells
               if (base := by_seed.get(c["seed"])) is not None and value(base) is not None]
     if variant != reference and paired:
@@ -251,12 +251,13 @@ def unread_section(results: list[dict], args) -> list[str]:
         return []
     budgets = [f"{b:g}" for b in args.budgets]
     variants = [v for v in args.variants if any(r["variant"] == v and r.get("unread") for r in results)]
-    rows = [[variant, str(sum(1 for r in results if r["variant"] == variant and r.get("unread"))),
-             *(paired_cell(results, variant, variants[0], lambda r, b=b: (r.get("unread") or {}).get(b)) for b in budgets),
-             common.format_duration(statistics.mean(r["search_wall_s"] for r in results
-                                                     if r["variant"] == variant and r.get("unread")))]
-            for variant in variants]
     reference = variants[0]
+    rows = []
+    for variant in variants:
+        cells = [r for r in results if r["variant"] == variant and r.get("unread")]
+        rows.append([variant, str(len(cells)),
+                     *(paired_cell(results, variant, reference, lambda r, b=b: (r.get("unread") or {}).get(b)) for b in budgets),
+                     common.format_duration(statistics.mean(c["search_wall_s"] for c in cells))])
     return [
         "",
         f"The same choices scored on the {results[0]['unread_rows']} search rows the search did not read "
