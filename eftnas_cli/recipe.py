@@ -255,8 +255,16 @@ class ExportSection(Section):
         "(before the polish or after one of its epochs) that score best on search rows the search did not "
         "read (all read: its epochs only, on those rows); 0 = none. As many as the super-network's "
         "epochs is a good start: on search rows 2 beat 1 by 0.18 points (docs/benchmarks_polish_epochs.md)"))
+    finetune_learning_rate: float | None = Field(None, gt=0, le=1, description=(
+        "the polish's learning rate; null: the super-network's (supernet.learning_rate)"))
 
     _budgets_in_range = field_validator("budgets")(_fractions_of_the_full_macs)
+
+    def polish_training(self, supernet: SupernetSection) -> SupernetSection:
+        """How the polish trains: like the super-network (KD, schedule, batch), at its own learning rate."""
+        if self.finetune_learning_rate is None:
+            return supernet
+        return supernet.model_copy(update={"learning_rate": self.finetune_learning_rate})
 
 
 class Recipe(Section):

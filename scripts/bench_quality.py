@@ -204,6 +204,8 @@ def fingerprint(recipe: Recipe, teacher_recipe: Recipe, method: str, budget: flo
             del run["supernet"][key]
     if method != "eftnas+polish":
         del run["export"]  # only the polish reads it (export.finetune_*)
+    elif run["export"]["finetune_learning_rate"] is None:
+        del run["export"]["finetune_learning_rate"]  # the super-network's, in the run already: its cells stand
     teacher = teacher_recipe.model_dump(mode="json", include=TEACHER_SECTIONS)
     decided = {"version": CELL_VERSION, "method": method, "budget": budget, "run": run, "teacher": teacher,
                "polish_epochs": polish_epochs if method == "eftnas+polish" else None}
@@ -262,7 +264,8 @@ def measure(context: SeedContext, method: str, budget: float, polish_epochs: flo
         walls = context.stage_walls()
         pipeline_wall = sum(walls.get(s, 0.0) for s in EFTNAS_STAGES)
         if method == "eftnas+polish":
-            polished = polish(supernet.extract(subnet), context.teacher, context.data, context.recipe.supernet,
+            polished = polish(supernet.extract(subnet), context.teacher, context.data,
+                              context.recipe.export.polish_training(context.recipe.supernet),
                               polish_epochs, search_rows_read=pareto.eval_rows,
                               cap=context.recipe.search.max_eval_samples, seed=context.recipe.seed,
                               device=context.recipe.device, description=f"polish @ {budget:g}")

@@ -230,6 +230,11 @@ def test_cell_fingerprints_follow_what_each_method_reads(monkeypatch):
     for method in ("teacher", "a", "b", "c", "d", "eftnas"):
         assert fingerprint(export, method) == fingerprint(base, method)
     assert fingerprint(export, "eftnas+polish") != fingerprint(base, "eftnas+polish")
+    # The polish's own lr moves its cells only; null (the super-network's) keeps the cells measured before the key.
+    polish_lr = recipe("export.finetune_learning_rate=3e-5")
+    for method in ("teacher", "a", "b", "c", "d", "eftnas"):
+        assert fingerprint(polish_lr, method) == fingerprint(base, method)
+    assert fingerprint(polish_lr, "eftnas+polish") != fingerprint(base, "eftnas+polish")
     # The shared teacher is decided by its fine-tune: a later stage's setting in its recipe moves no cell.
     for later in ("search.trials=40", "supernet.epochs=3", "export.calibration_samples=64"):
         assert bench_quality.fingerprint(base, recipe(later), "b", 0.5, 1.0) == fingerprint(base, "b")

@@ -26,17 +26,28 @@ def test_dotted_overrides_are_typed(write_recipe):
     assert recipe.search.budgets == [0.5, 0.3] and recipe.model.teacher is None
 
 
+def test_the_polish_trains_like_the_supernet_at_its_own_learning_rate(write_recipe):
+    recipe = load_recipe(write_recipe())
+    assert recipe.export.finetune_learning_rate is None
+    assert recipe.export.polish_training(recipe.supernet) == recipe.supernet
+    own = load_recipe(write_recipe(), ["export.finetune_learning_rate=3e-5", "supernet.learning_rate=1e-4"])
+    training = own.export.polish_training(own.supernet)
+    assert training.learning_rate == 3e-5 and own.supernet.learning_rate == 1e-4
+    assert training.model_dump(exclude={"learning_rate"}) == own.supernet.model_dump(exclude={"learning_rate"})
+
+
 def test_unknown_key_suggests_the_nearest(write_recipe):
     with pytest.raises(RecipeError, match=r"unknown key 'finetune.learning_rat'; did you mean 'finetune.learning_rate'"):
         load_recipe(write_recipe(), ["finetune.learning_rat=1e-4"])
 
 
-# Ten bad recipes (as YAML text or as overrides), each a one-line error, exit 2, nothing written.
+# Eleven bad recipes (as YAML text or as overrides), each a one-line error, exit 2, nothing written.
 BAD_RECIPES = [
     ("unknown top-level key", {"sead": 1}, [], "unknown key 'sead'; did you mean 'seed'"),
     ("unknown section key", {"finetune.epoch": 1}, [], "did you mean 'finetune.epochs'"),
     ("wrong type", {"finetune.batch_size": "big"}, [], "finetune.batch_size"),
     ("out of range", {"finetune.learning_rate": -1}, [], "finetune.learning_rate"),
+    ("polish lr out of range", {}, ["export.finetune_learning_rate=0"], "export.finetune_learning_rate"),
     ("bad budget", {}, ["search.budgets=[1.5]"], "budgets are fractions"),
     ("warm-up order", {"importance.warmup_start_epoch": 3, "importance.warmup_end_epoch": 1}, [], "warmup_end_epoch"),
     ("bad override syntax", {}, ["finetune.epochs"], "is not key=value"),
