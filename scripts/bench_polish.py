@@ -76,7 +76,8 @@ def render(results: list[dict], args, provenance: dict) -> str:
     lines = ["# The polish's epochs and learning rate (search rows only)", "", *common.provenance_lines(provenance), "",
              "Each budget's chosen subnet, fine-tuned with KD from the teacher in each setting and scored on the "
              "search rows after its last epoch (x100, mean ± sd over seeds); `− unpolished` is the paired "
-             "difference with the subnet before the polish. The subnet was chosen on these rows, the same one for "
+             "difference with the subnet before the polish, the last columns each setting's paired difference with "
+             "the first. The subnet was chosen on these rows, the same one for "
              "every setting.", ""]
     for task in sorted({r["task"] for r in results}):
         runs = [r for r in results if r["task"] == task]
@@ -92,10 +93,15 @@ def render(results: list[dict], args, provenance: dict) -> str:
             for label in labels:
                 row.append(f"{common.mean_sd([100 * e['polished'][label]['score'] for e in entries])} "
                            f"({common.mean_sd([100 * (e['polished'][label]['score'] - e['search_score']) for e in entries], True)})")
+            first = labels[0]
+            for label in labels[1:]:  # the settings compared seed by seed: what the choice rests on
+                row.append(common.mean_sd([100 * (e["polished"][label]["score"] - e["polished"][first]["score"])
+                                           for e in entries], True))
             table.append(row)
         lines += [common.markdown_table(["budget", "MACs ratio", "unpolished",
-                                         *(f"{label} (− unpolished)" for label in labels)], table,
-                                        align="lrr" + "r" * len(labels)), ""]
+                                         *(f"{label} (− unpolished)" for label in labels),
+                                         *(f"{label} − {labels[0]}" for label in labels[1:])], table,
+                                        align="lrr" + "r" * (2 * len(labels) - 1)), ""]
     return "\n".join(lines)
 
 

@@ -130,7 +130,8 @@ def test_bench_quality_smoke(tmp_path):
                         "--epochs", "1", "2", "--budgets", "0.6", "--out", tmp_path / "polish.md")
     assert polish.returncode == 0, polish.stdout + polish.stderr
     header, *table = table_with_header(polish.stdout, "budget")
-    assert header[3:] == [f"{e} epoch(s), lr {lr} (− unpolished)" for e in (1, 2) for lr in ("0.001", "0.0001")]
+    settings = [f"{e} epoch(s), lr {lr}" for e in (1, 2) for lr in ("0.001", "0.0001")]
+    assert header[3:] == [f"{s} (− unpolished)" for s in settings] + [f"{s} − {settings[0]}" for s in settings[1:]]
     assert [row[0] for row in table] == ["0.6"]
     polished = json.loads((tmp_path / "runs" / "mrpc-s1" / "bench" / "polish_lr.json").read_text())
     assert sorted(key.split("-", 1)[1] for key in polished) == ["e1-lr0.0001", "e1-lr0.001", "e2-lr0.0001", "e2-lr0.001"]
