@@ -72,13 +72,12 @@ def setting_label(epochs: float, lr: float) -> str:
 
 
 def render(results: list[dict], args, provenance: dict) -> str:
-    labels = [setting_label(epochs, lr) for epochs, lr in settings(args)]
+    first, *others = labels = [setting_label(epochs, lr) for epochs, lr in settings(args)]
     lines = ["# The polish's epochs and learning rate (search rows only)", "", *common.provenance_lines(provenance), "",
              "Each budget's chosen subnet, fine-tuned with KD from the teacher in each setting and scored on the "
              "search rows after its last epoch (x100, mean ± sd over seeds); `− unpolished` is the paired "
              "difference with the subnet before the polish, the last columns each setting's paired difference with "
-             "the first. The subnet was chosen on these rows, the same one for "
-             "every setting.", ""]
+             "the first. The subnet was chosen on these rows, the same one for every setting.", ""]
     for task in sorted({r["task"] for r in results}):
         runs = [r for r in results if r["task"] == task]
         lines += [f"## {task}: seeds {', '.join(str(r['seed']) for r in runs)}, {runs[0]['search_rows']} search rows "
@@ -93,14 +92,13 @@ def render(results: list[dict], args, provenance: dict) -> str:
             for label in labels:
                 row.append(f"{common.mean_sd([100 * e['polished'][label]['score'] for e in entries])} "
                            f"({common.mean_sd([100 * (e['polished'][label]['score'] - e['search_score']) for e in entries], True)})")
-            first = labels[0]
-            for label in labels[1:]:  # the settings compared seed by seed: what the choice rests on
+            for label in others:  # the settings compared seed by seed: what the choice rests on
                 row.append(common.mean_sd([100 * (e["polished"][label]["score"] - e["polished"][first]["score"])
                                            for e in entries], True))
             table.append(row)
         lines += [common.markdown_table(["budget", "MACs ratio", "unpolished",
                                          *(f"{label} (− unpolished)" for label in labels),
-                                         *(f"{label} − {labels[0]}" for label in labels[1:])], table,
+                                         *(f"{label} − {first}" for label in others)], table,
                                         align="lrr" + "r" * (2 * len(labels) - 1)), ""]
     return "\n".join(lines)
 
