@@ -439,21 +439,23 @@ def polish_selection_rows(search_rows, read: int, cap: int | None):
     return search_rows, False
 
 
-def polish(student, teacher, data: TaskData, section: SupernetSection, epochs: float, *, search_rows_read: int,
-           cap: int | None, seed: int, device: str, description: str) -> Polished:
-    """`distill` for `epochs` with `section`'s other settings, scoring the student on search rows
-    (held out of training, not validation) before it and after each epoch, and keeping the best of
-    those weights: `polish_selection_rows` says which rows, given the `search_rows_read` first ones
-    the search read, and whether the student's own weights compete. A short KD fine-tune of a
-    subnet the super-network already trained can lower its score; the polish then hands back the
-    student as it came. Ties go to the polished weights."""
-    section = section.model_copy(update={"epochs": epochs, "max_steps": None})
-    rows, start_competes = polish_selection_rows(data.search, search_rows_read, cap)
-    student = student.to(best_device(device)).eval()
+def polish(student, teacher, data: TaskData, recipe: Recipe, *, search_rows_read: int, description: str,
+           epochs: float | None = None) -> Polished:
+    """`distill` for `epochs` (default the recipe's `export.finetune_epochs`), trained as
+    `ExportSection.polish_training` says, scoring the student on search rows (held out of training,
+    not validation) before it and after each epoch, and keeping the best of those weights:
+    `polish_selection_rows` says which rows, given the `search_rows_read` first ones the search read
+    and the recipe's `search.max_eval_samples`, and whether the student's own weights compete. A
+    short KD fine-tune of a subnet the super-network already trained can lower its score; the polish
+    then hands back the student as it came. Ties go to the polished weights."""
+    epochs = recipe.export.finetune_epochs if epochs is None else epochs
+    section = recipe.export.polish_training(recipe.supernet).model_copy(update={"epochs": epochs, "max_steps": None})
+    rows, start_competes = polish_selection_rows(data.search, search_rows_read, recipe.search.max_eval_samples)
+    student = student.to(best_device(recipe.device)).eval()
     start_score = evaluate(student, rows, data.collator, data.spec, section.eval_batch_size)["score"]
     start = {name: tensor.detach().clone() for name, tensor in student.state_dict().items()}
     with tempfile.TemporaryDirectory(prefix="eftnas-polish-") as scratch:
-        trainer = _kd_trainer(student, teacher, data, section, Path(scratch), seed=seed, device=device,
+        trainer = _kd_trainer(student, teacher, data, section, Path(scratch), seed=recipe.seed, device=recipe.device,
                               description=description, select_on=rows)
         started = time.perf_counter()
         trainer.train()  # ends on the best epoch's weights (load_best_model_at_end)

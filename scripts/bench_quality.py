@@ -264,11 +264,8 @@ def measure(context: SeedContext, method: str, budget: float, polish_epochs: flo
         walls = context.stage_walls()
         pipeline_wall = sum(walls.get(s, 0.0) for s in EFTNAS_STAGES)
         if method == "eftnas+polish":
-            polished = polish(supernet.extract(subnet), context.teacher, context.data,
-                              context.recipe.export.polish_training(context.recipe.supernet),
-                              polish_epochs, search_rows_read=pareto.eval_rows,
-                              cap=context.recipe.search.max_eval_samples, seed=context.recipe.seed,
-                              device=context.recipe.device, description=f"polish @ {budget:g}")
+            polished = polish(supernet.extract(subnet), context.teacher, context.data, context.recipe,
+                              search_rows_read=pareto.eval_rows, description=f"polish @ {budget:g}", epochs=polish_epochs)
             return cell(context, method, budget, subnet, context.evaluate(polished.model), pipeline_wall + polished.wall_s,
                         polish_wall_s=polished.wall_s, polish=polished.to_dict())
         metrics = supernet.evaluate(subnet, context.data.main_eval, context.data, context.recipe.search.eval_batch_size)

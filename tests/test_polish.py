@@ -54,11 +54,12 @@ def test_a_polish_that_lowers_the_score_hands_back_the_student_unchanged(write_r
     before = {name: tensor.clone() for name, tensor in student.state_dict().items()}
     teacher = load_model(str(tiny_model_dir), data.spec)
     # A learning rate that wrecks the weights, and labels flipped for the KD's hard-label share.
-    section = recipe.supernet.model_copy(update={"learning_rate": 0.5, "distillation_weight": 0.0})
+    wrecking = load_recipe(write_recipe(), ["export.finetune_learning_rate=0.5", "supernet.distillation_weight=0.0",
+                                            "export.finetune_epochs=2", "seed=0", "device=cpu"])
     train = data.train.map(lambda row: {"labels": 1 - row["labels"]})
     # The search read none of these rows: the student's own weights compete on all of them.
-    polished = polish(student, teacher, dataclasses.replace(data, train=train, search_rows=rows), section, 2,
-                      search_rows_read=0, cap=None, seed=0, device="cpu", description="polish")
+    polished = polish(student, teacher, dataclasses.replace(data, train=train, search_rows=rows), wrecking,
+                      search_rows_read=0, description="polish")
     assert polished.rows == len(rows) and polished.start_competes and len(polished.epoch_scores) == 2
     assert polished.start_score == 1.0 and max(polished.epoch_scores) < 1.0 and polished.kept_epoch == 0
     assert all(torch.equal(before[name], tensor) for name, tensor in polished.model.state_dict().items())

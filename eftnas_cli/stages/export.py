@@ -160,9 +160,8 @@ def export(recipe: Recipe, budgets=None, trial: int | None = None, subnet_file: 
                 "params": supernet.params(subnet),
             }
             if section.finetune_epochs > 0:
-                polished = polish(exported, teacher, data, section.polish_training(recipe.supernet), section.finetune_epochs,
-                                  search_rows_read=rows_read, cap=recipe.search.max_eval_samples, seed=recipe.seed,
-                                  device=recipe.device, description=f"polishing {label} (KD from the teacher)")
+                polished = polish(exported, teacher, data, recipe, search_rows_read=rows_read,
+                                  description=f"polishing {label} (KD from the teacher)")
                 entry["polish"] = polished.to_dict()
                 entry["polish_wall_s"] = polished.wall_s
                 entry["unpolished_metrics"] = entry["metrics"]
