@@ -22,8 +22,9 @@ TRAIN_SPLIT = "train"
 SEARCH_ROWS_SEED = 0
 
 
-def load_raw(task: str, data_dir: str | Path | None) -> datasets.DatasetDict:
-    """The train split and the task's eval splits, unprocessed, with the hub's columns and features.
+def load_raw(task: str, data_dir: str | Path | None, extra_splits: tuple[str, ...] = ()) -> datasets.DatasetDict:
+    """The train split, the task's eval splits and `extra_splits`, unprocessed, with the hub's columns
+    and features.
 
     data_dir=None downloads the task's hub dataset (e.g. `nyu-mll/glue`, `rajpurkar/squad`);
     otherwise the files are read from `<data_dir>/<task>/<split>.parquet` (the layout of the hub's
@@ -31,9 +32,12 @@ def load_raw(task: str, data_dir: str | Path | None) -> datasets.DatasetDict:
     """
     spec = get_task(task)
     datasets.disable_progress_bars()  # the CLI reports progress itself
-    splits = (TRAIN_SPLIT, *spec.eval_splits)
+    splits = (TRAIN_SPLIT, *spec.eval_splits, *extra_splits)
     if data_dir is None:
         raw = datasets.load_dataset(spec.hub_id, spec.hub_config)
+        missing = [split for split in splits if split not in raw]
+        if missing:
+            raise DataError(f"{spec.hub_id}: no split {', '.join(map(repr, missing))}; it has {', '.join(raw)}")
         return datasets.DatasetDict({split: raw[split] for split in splits})
 
     task_dir = Path(data_dir) / spec.name
@@ -74,9 +78,17 @@ class TaskData:
     train: datasets.Dataset  # model inputs and the kind's labels (`labels`; QA: start/end positions)
     eval: dict[str, datasets.Dataset | QAEvalSplit]  # eval split name -> preprocessed split
     collator: object  # pads a list of rows into a batch
-    # Rows held out of the train split that no stage trains on: what search scores subnets by.
-    # None when the recipe holds none out (search then reads the main eval split).
+    # Rows no stage trains on, held out of the train split or a split of their own: what search scores
+    # subnets by. None when the recipe names none (search then reads the main eval split).
     search_rows: datasets.Dataset | QAEvalSplit | None = None
+    search_split: str | None = None  # the split the search rows are, where not held out of train
+
+    @property
+    def search_source(self) -> str:
+        """Where the rows model choices are made on come from, in words for reports."""
+        if self.search_rows is None:
+            return self.main_split
+        return "search rows (held out of train)" if self.search_split is None else f"search rows (the {self.search_split} split)"
 
     @property
     def search(self) -> datasets.Dataset | QAEvalSplit:
@@ -123,6 +135,7 @@ def load_task_data(
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
     search_fraction: float = 0.0,
+    search_split: str | None = None,
     seed: int = 42,
     doc_stride: int = 128,
     max_answer_length: int = 30,
@@ -131,16 +144,21 @@ def load_task_data(
     """Preprocessed train, search and eval splits of a task plus a dynamic-padding collator.
 
     search_fraction holds that share of the train split out as search rows (the same rows for
-    every seed); max_train_samples keeps a seeded random subset of the rest; max_eval_samples
-    keeps the first rows of each eval split, so that evaluation numbers are comparable between runs.
+    every seed), unless search_split names a split to be the search rows; max_train_samples keeps a
+    seeded random subset of the rest; max_eval_samples keeps the first rows of each eval split, so
+    that evaluation numbers are comparable between runs.
     Rows are examples (a QA question with its context), before any windowing.
     """
     spec = get_task(task)
     settings = Preprocessing(max_seq_length, doc_stride, max_answer_length, n_best)
-    raw = load_raw(spec.name, data_dir)
+    raw = load_raw(spec.name, data_dir, () if search_split is None else (search_split,))
     train = raw[TRAIN_SPLIT]
     search_rows = None
-    if search_fraction > 0:
+    if search_split is not None:
+        # Shuffled as held-out rows are: search reads the first search.max_eval_samples, and a file
+        # sorted by label or source would hand it a lopsided sample.
+        search_rows = raw[search_split].shuffle(seed=SEARCH_ROWS_SEED)
+    elif search_fraction > 0:
         held_out = train.train_test_split(test_size=search_fraction, seed=SEARCH_ROWS_SEED)
         train, search_rows = held_out["train"], held_out["test"]
     if max_train_samples is not None and max_train_samples < len(train):
@@ -169,6 +187,7 @@ def load_task_data(
         eval={name: for_eval(split) for name, split in eval_splits.items()},
         collator=spec.kind.collator(tokenizer),
         search_rows=None if search_rows is None else for_eval(search_rows),
+        search_split=search_split,
     )
 
 
@@ -182,7 +201,8 @@ def recipe_task_data(recipe, tokenizer: PreTrainedTokenizerBase) -> TaskData:
         max_seq_length=task.max_seq_length,
         max_train_samples=task.max_train_samples,
         max_eval_samples=task.max_eval_samples,
-        search_fraction=task.search_fraction,
+        search_fraction=task.held_out_fraction,
+        search_split=task.search_split,
         seed=recipe.seed,
         doc_stride=task.doc_stride,
         max_answer_length=task.max_answer_length,

@@ -71,6 +71,23 @@ class TaskSection(Section):
     search_fraction: float = Field(0.1, ge=0, lt=1, description=(
         "share of the train split held out as search rows: no stage trains on them, search scores "
         "subnets on them, the validation split is read once per final model; 0 = search on validation"))
+    search_split: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description=(
+        "a split of the task's data whose rows are the search rows instead of task.search_fraction's "
+        "(e.g. a dev set shaped like the deployment data): <data_dir>/<task>/<split>.parquet, or the hub "
+        "dataset's split; search_fraction is then not used and every train row is trained on. Neither "
+        "train nor an eval split"))
+
+    @field_validator("search_split")
+    @classmethod
+    def _not_trained_on(cls, split: str | None) -> str | None:
+        if split == "train":
+            raise ValueError("the search rows must be rows no stage trains on, not the train split")
+        return split
+
+    @property
+    def held_out_fraction(self) -> float:
+        """The share of the train split held out as search rows: none where a split is named for them."""
+        return 0.0 if self.search_split is not None else self.search_fraction
 
 
 LrScheduler = Literal["linear", "cosine", "constant"]
@@ -398,7 +415,8 @@ def _check_sequence_lengths(recipe: Recipe, source: str) -> None:
 
 
 def _check_task(recipe: Recipe, source: str) -> None:
-    """The task name is known, and a QA task's windows advance (doc_stride below max_seq_length)."""
+    """The task name is known, a QA task's windows advance (doc_stride below max_seq_length), and the
+    search rows' split is not an eval split."""
     from eftnas_cli import tasks
 
     try:
@@ -409,6 +427,9 @@ def _check_task(recipe: Recipe, source: str) -> None:
         from eftnas_cli import qa
 
         qa.check_windows(recipe.task.max_seq_length, recipe.task.doc_stride, f"{source}: task")
+    if recipe.task.search_split in task.eval_splits:
+        raise RecipeError(f"{source}: task.search_split: {recipe.task.search_split!r} is an eval split of {task.name}, "
+                          "read once per final model and never to choose; name a split of its own (e.g. dev)")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -73,8 +73,10 @@ def _synthetic_split(task: str, n_rows: int, rng: random.Random) -> datasets.Dat
     return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
 
 
-def make_tiny_glue_dir(root: Path, task: str = "mrpc", n_train: int = 64, n_eval: int = 32, seed: int = 0) -> Path:
-    """Write `root/<task>/<split>.parquet` for train and the task's eval splits; return root.
+def make_tiny_glue_dir(root: Path, task: str = "mrpc", n_train: int = 64, n_eval: int = 32, seed: int = 0,
+                       extra_splits: dict[str, int] | None = None) -> Path:
+    """Write `root/<task>/<split>.parquet` for train, the task's eval splits and `extra_splits` (name:
+    rows); return root.
 
     The returned folder is what `load_raw`/`load_task_data` take as data_dir. Columns and features
     follow the hub's `nyu-mll/glue` files.
@@ -83,7 +85,8 @@ def make_tiny_glue_dir(root: Path, task: str = "mrpc", n_train: int = 64, n_eval
     rng = random.Random(seed)
     task_dir = Path(root) / spec.name
     task_dir.mkdir(parents=True, exist_ok=True)
-    for split, n_rows in ((TRAIN_SPLIT, n_train), *((name, n_eval) for name in spec.eval_splits)):
+    for split, n_rows in ((TRAIN_SPLIT, n_train), *((name, n_eval) for name in spec.eval_splits),
+                          *(extra_splits or {}).items()):
         _synthetic_split(spec.name, n_rows, rng).to_parquet(str(task_dir / f"{split}.parquet"))
     return Path(root)
 

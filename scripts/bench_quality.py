@@ -165,6 +165,10 @@ SANDWICH_KEYS = ("num_random_subnets", "random_subnets")
 CHOICE_KEYS = ("tie_standard_errors",)
 # What decides the shared teacher: its run's fine-tune, not the sections of the stages after it.
 TEACHER_SECTIONS = {"seed", "device", "model", "task", "finetune"}
+# Recipe keys added after cells were measured, (section, key): the value that does what eftnas did
+# before the key existed. A fingerprint leaves such a key out while it holds that value, so the
+# cells measured before it stand.
+ADDED_SINCE_CELLS = {("export", "finetune_learning_rate"): None, ("task", "search_split"): None}
 
 
 class CellStore:
@@ -204,9 +208,11 @@ def fingerprint(recipe: Recipe, teacher_recipe: Recipe, method: str, budget: flo
             del run["supernet"][key]
     if method != "eftnas+polish":
         del run["export"]  # only the polish reads it (export.finetune_*)
-    elif run["export"]["finetune_learning_rate"] is None:
-        del run["export"]["finetune_learning_rate"]  # the super-network's, in the run already: its cells stand
     teacher = teacher_recipe.model_dump(mode="json", include=TEACHER_SECTIONS)
+    for (section, key), earlier in ADDED_SINCE_CELLS.items():
+        for settings in (run, teacher):
+            if section in settings and settings[section].get(key, earlier) == earlier:
+                settings[section].pop(key, None)
     decided = {"version": CELL_VERSION, "method": method, "budget": budget, "run": run, "teacher": teacher,
                "polish_epochs": polish_epochs if method == "eftnas+polish" else None}
     if method == "eftnas+polish":

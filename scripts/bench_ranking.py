@@ -74,15 +74,16 @@ def teacher_and_recipe(path: Path, recipe_file: Path, overrides: list[str]) -> t
         if record is None:
             raise UserError(f"{path} has no finetune stage: run `eftnas finetune` first, or pass a model folder")
         shared = record["shared"]
-        if shared["task"].get("search_fraction", 0) == 0:
+        if shared["task"].get("search_fraction", 0) == 0 and not shared["task"].get("search_split"):
             raise UserError(f"the teacher in {path} was fine-tuned on every training row (no task.search_fraction "
-                            "held out): fine-tune it again with the current eftnas")
+                            "held out, no task.search_split): fine-tune it again with the current eftnas")
         overrides = [f"model={json.dumps(shared['model'])}", f"task={json.dumps(shared['task'])}",
                      f"seed={shared['seed']}", *overrides]
         folder = path / "finetune" / MODEL_FOLDER
     recipe = load_recipe(recipe_file, overrides)
-    if recipe.task.search_fraction == 0:
-        raise UserError("task.search_fraction is 0: this benchmark chooses on held-out search rows, never on validation")
+    if recipe.task.search_fraction == 0 and recipe.task.search_split is None:
+        raise UserError("task.search_fraction is 0 and no task.search_split: this benchmark chooses on search rows, "
+                        "never on validation")
     if not (folder / "model.safetensors").is_file():
         raise UserError(f"no fine-tuned teacher at {folder}: run `eftnas finetune` first, or pass its model folder")
     return folder, recipe

@@ -236,6 +236,11 @@ def test_cell_fingerprints_follow_what_each_method_reads(monkeypatch):
     for method in ("teacher", "a", "b", "c", "d", "eftnas"):
         assert fingerprint(polish_lr, method) == fingerprint(base, method)
     assert fingerprint(polish_lr, "eftnas+polish") != fingerprint(base, "eftnas+polish")
+    # Other search rows change what every run trains on (and what the search reads): every cell moves.
+    search_split = recipe("task.search_split=dev")
+    for method in ("teacher", "a", "b", "c", "d", "eftnas", "eftnas+polish"):
+        assert fingerprint(search_split, method) != fingerprint(base, method)
+        assert bench_quality.fingerprint(base, search_split, method, 0.5, 1.0) != fingerprint(base, method)
     # The shared teacher is decided by its fine-tune: a later stage's setting in its recipe moves no cell.
     for later in ("search.trials=40", "supernet.epochs=3", "export.calibration_samples=64"):
         assert bench_quality.fingerprint(base, recipe(later), "b", 0.5, 1.0) == fingerprint(base, "b")

@@ -161,6 +161,22 @@ def test_synthetic_glue_dir_round_trips(tmp_path, tiny_tokenizer):
         assert CLASS_KEYWORDS[example["labels"]] in first_sentence
 
 
+def test_a_named_split_is_the_search_rows_and_every_train_row_trains(tmp_path, tiny_tokenizer):
+    data_dir = make_tiny_glue_dir(tmp_path / "glue", "mrpc", n_train=40, n_eval=16, extra_splits={"dev": 24})
+    held_out = load_task_data("mrpc", tiny_tokenizer, data_dir=data_dir, search_fraction=0.25)
+    assert (len(held_out.train), len(held_out.search_rows)) == (30, 10)
+    assert held_out.search_source == "search rows (held out of train)"
+
+    named = load_task_data("mrpc", tiny_tokenizer, data_dir=data_dir, search_split="dev")
+    assert (len(named.train), len(named.search_rows), len(named.main_eval)) == (40, 24, 16)
+    assert named.search_source == "search rows (the dev split)"
+    dev = load_raw("mrpc", data_dir, ("dev",))["dev"]
+    file_order = [tuple(tiny_tokenizer(a, b)["input_ids"]) for a, b in zip(dev["sentence1"], dev["sentence2"])]
+    searched = [tuple(ids) for ids in named.search_rows["input_ids"]]
+    assert sorted(searched) == sorted(file_order), "the search rows are the dev split's rows"
+    assert searched != file_order, "shuffled as held-out rows are, not in the file's order"
+
+
 def test_synthetic_regression_and_multi_split_tasks(tmp_path, tiny_tokenizer):
     data_dir = make_tiny_glue_dir(tmp_path, "stsb", n_train=12, n_eval=6)
     stsb = load_task_data("stsb", tiny_tokenizer, data_dir=data_dir)

@@ -14,7 +14,8 @@ from eftnas_cli.deploy import onnx_logits, openvino_logits
 from eftnas_cli.models import load_model, load_tokenizer
 from eftnas_cli.recipe import load_recipe
 from eftnas_cli.tasks import get_task
-from eftnas_cli.testing import export_beside_its_subnet, make_tiny_model, random_features, write_tiny_recipe
+from eftnas_cli.testing import (export_beside_its_subnet, make_tiny_glue_dir, make_tiny_model, random_features,
+                                write_tiny_recipe)
 from eftnas_cli.training import evaluate
 
 
@@ -100,6 +101,15 @@ def test_export_of_a_subnet_file_and_profile(finished_run, tmp_path):
     assert (folder / "model.safetensors").is_file() and (folder / "model.onnx").is_file()
     output = " ".join(invoke("profile", folder, "--seq-len", "16").output.split())
     assert "encoder:" in output and "of the full model" in output
+
+
+def test_search_scores_subnets_on_a_named_split(tmp_path, tiny_model_dir):
+    """task.search_split: the search rows are that split's (e.g. a dev set shaped like the deployment data)."""
+    glue_dir = make_tiny_glue_dir(tmp_path / "glue", "mrpc", n_train=64, n_eval=32, extra_splits={"dev": 24})
+    path = write_tiny_recipe(tmp_path / "recipe.yaml", tmp_path / "runs", tiny_model_dir, glue_dir, {"task.search_split": "dev"})
+    invoke("run", path, "--until", "search")
+    pareto = json.loads((tmp_path / "runs" / "tiny" / "search" / "pareto.json").read_text())
+    assert (pareto["eval_split"], pareto["eval_rows"]) == ("search rows (the dev split)", 24)
 
 
 def test_stage_refuses_to_start_without_upstream(write_recipe):

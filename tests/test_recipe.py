@@ -54,6 +54,9 @@ BAD_RECIPES = [
     ("unknown task", {"task.name": "mrcp"}, [], "unknown task 'mrcp'"),
     ("missing model folder", {"model.name": "./no/such/model"}, [], "no config.json"),
     ("missing data folder", {"task.data_dir": "/no/such/glue"}, [], "/no/such/glue"),
+    ("search rows from train", {"task.search_split": "train"}, [], "task.search_split: the search rows must be rows no stage"),
+    ("search rows from validation", {"task.search_split": "validation"}, [], "'validation' is an eval split of mrpc"),
+    ("missing search split", {}, ["task.search_split=dev"], "mrpc/dev.parquet does not exist"),
 ]
 
 

@@ -59,7 +59,7 @@ WRITE_LOCK_WAIT_S = 120
 
 class SubnetEvaluator:
     """Measures subnets of the super-network on the search rows (held out of the train split, see
-    `task.search_fraction`), in the section's precision (`search.mixed_precision`, resolved for the
+    `task.search_fraction`, or `task.search_split`'s), in the section's precision (`search.mixed_precision`, resolved for the
     super-network's device); the first measure of a subnet's task metric is kept, so an objective
     that needs it again does not evaluate twice."""
 
@@ -394,7 +394,7 @@ class Searcher:
                 "metric": self.data.spec.main_metric,
                 "objectives": {o.name: o.direction for o in objectives},
                 "eval_rows": len(self.evaluator.rows),
-                "eval_split": "search rows (held out of train)" if self.data.search_rows is not None else self.data.main_split,
+                "eval_split": self.data.search_source,
                 "mixed_precision": self.evaluator.precision,
                 "full_macs": full_macs,
                 "teacher": teacher,
