@@ -201,7 +201,7 @@ def recipe_task_data(recipe, tokenizer: PreTrainedTokenizerBase) -> TaskData:
         max_seq_length=task.max_seq_length,
         max_train_samples=task.max_train_samples,
         max_eval_samples=task.max_eval_samples,
-        search_fraction=task.held_out_fraction,
+        search_fraction=task.search_fraction,
         search_split=task.search_split,
         seed=recipe.seed,
         doc_stride=task.doc_stride,

@@ -84,11 +84,6 @@ class TaskSection(Section):
             raise ValueError("the search rows must be rows no stage trains on, not the train split")
         return split
 
-    @property
-    def held_out_fraction(self) -> float:
-        """The share of the train split held out as search rows: none where a split is named for them."""
-        return 0.0 if self.search_split is not None else self.search_fraction
-
 
 LrScheduler = Literal["linear", "cosine", "constant"]
 # YAML reads a bare `no` as false: `mixed_precision: no` means "no" all the same.

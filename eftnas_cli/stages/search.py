@@ -59,9 +59,9 @@ WRITE_LOCK_WAIT_S = 120
 
 class SubnetEvaluator:
     """Measures subnets of the super-network on the search rows (held out of the train split, see
-    `task.search_fraction`, or `task.search_split`'s), in the section's precision (`search.mixed_precision`, resolved for the
-    super-network's device); the first measure of a subnet's task metric is kept, so an objective
-    that needs it again does not evaluate twice."""
+    `task.search_fraction`, or `task.search_split`'s), in the section's precision
+    (`search.mixed_precision`, resolved for the super-network's device); the first measure of a
+    subnet's task metric is kept, so an objective that needs it again does not evaluate twice."""
 
     def __init__(self, supernet: Supernet, data: TaskData, section: SearchSection):
         self.supernet, self.data, self.section = supernet, data, section
