@@ -54,13 +54,13 @@ TMP_MARKER = ".tmp-"
 # A finished stage folder renamed aside while its replacement is renamed in (`.<folder><marker>...`).
 REPLACED_MARKER = ".replaced-"
 
-__all__ = ["RunDir", "StageOutput", "UpstreamError", "sha256", "write_json"]
+__all__ = ["RunDir", "StageOutput", "UpstreamError", "sha256", "value_before_it_existed", "write_json"]
 
 
 BEFORE_IT_EXISTED = "before_it_existed"
 
 
-def _value_before_it_existed(field) -> Any:
+def value_before_it_existed(field) -> Any:
     """How older eftnas versions behaved on a key added since: the field's `before_it_existed`
     (json_schema_extra) where its default changed that behaviour, else its default."""
     extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
@@ -76,7 +76,7 @@ def as_recorded(section: BaseModel, recorded: dict | None) -> dict[str, Any]:
         return dumped
     fields = type(section).model_fields
     return {key: value for key, value in dumped.items()
-            if key in recorded or key not in fields or value != _value_before_it_existed(fields[key])}
+            if key in recorded or key not in fields or value != value_before_it_existed(fields[key])}
 
 
 def shared_settings(recipe: Recipe, like: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -59,7 +59,7 @@ from eftnas_cli.data import TaskData, recipe_task_data  # noqa: E402
 from eftnas_cli.models import load_model, load_tokenizer  # noqa: E402
 from eftnas_cli.pruning import layer_drop_subnet, uniform_subnet  # noqa: E402
 from eftnas_cli.recipe import Recipe, load_recipe  # noqa: E402
-from eftnas_cli.rundir import RunDir, write_json  # noqa: E402
+from eftnas_cli.rundir import RunDir, value_before_it_existed, write_json  # noqa: E402
 from eftnas_cli.stages.gen_space import space_pruner  # noqa: E402
 from eftnas_cli.stages.pipeline import run_pipeline  # noqa: E402
 from eftnas_cli.supernet import Supernet  # noqa: E402
@@ -165,10 +165,10 @@ SANDWICH_KEYS = ("num_random_subnets", "random_subnets")
 CHOICE_KEYS = ("tie_standard_errors",)
 # What decides the shared teacher: its run's fine-tune, not the sections of the stages after it.
 TEACHER_SECTIONS = {"seed", "device", "model", "task", "finetune"}
-# Recipe keys added after cells were measured, (section, key): the value that does what eftnas did
-# before the key existed. A fingerprint leaves such a key out while it holds that value, so the
-# cells measured before it stand.
-ADDED_SINCE_CELLS = {("export", "finetune_learning_rate"): None, ("task", "search_split"): None}
+# Recipe keys added after cells were measured, (section, key). A fingerprint leaves such a key out
+# while it holds the value that does what eftnas did before it existed (`value_before_it_existed`,
+# as run records do), so the cells measured before it stand.
+ADDED_SINCE_CELLS = (("export", "finetune_learning_rate"), ("task", "search_split"))
 
 
 class CellStore:
@@ -209,10 +209,11 @@ def fingerprint(recipe: Recipe, teacher_recipe: Recipe, method: str, budget: flo
     if method != "eftnas+polish":
         del run["export"]  # only the polish reads it (export.finetune_*)
     teacher = teacher_recipe.model_dump(mode="json", include=TEACHER_SECTIONS)
-    for (section, key), earlier in ADDED_SINCE_CELLS.items():
+    for section, key in ADDED_SINCE_CELLS:
+        earlier = value_before_it_existed(type(getattr(recipe, section)).model_fields[key])
         for settings in (run, teacher):
-            if section in settings and settings[section].get(key, earlier) == earlier:
-                settings[section].pop(key, None)
+            if section in settings and settings[section][key] == earlier:
+                del settings[section][key]
     decided = {"version": CELL_VERSION, "method": method, "budget": budget, "run": run, "teacher": teacher,
                "polish_epochs": polish_epochs if method == "eftnas+polish" else None}
     if method == "eftnas+polish":
